@@ -1,0 +1,28 @@
+# The two entry points of the README: `make demo` (main job) and `make test`.
+# Both create .venv at the repository root and install xfast into it.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# torch is pinned in the same pip command as everything else so pip never picks a CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+.venv/.installed: setup.py setup.cfg pyproject.toml csrc/*.cpp
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip setuptools wheel ninja $(TORCH)
+	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
+	touch $@
+
+install: .venv/.installed
+
+demo: install
+	$(PY) benchmarks/bench_losses.py --quick
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_losses.py
+
+clean:
+	rm -rf build xfast/_C*.so .venv

@@ -1,0 +1,62 @@
+"""Input validation shared by the losses: every error names the argument at fault."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
+    """2-D floating tensors on one device, one dtype, one width, finite, non-empty."""
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): a contrastive loss needs at least one pair")
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{name} has embedding dim {t.shape[1]} but {first_name} has {first.shape[1]}")
+        if same_rows and t.shape[0] != first.shape[0]:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}")
+    for name, t in zip(names, tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
+    """A positive finite scalar (python number or 1-element tensor) as a tensor on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold a single value, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+        v = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        value = torch.tensor(v, dtype=torch.float32, device=device)
+    else:
+        raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {v}")
+    return value
+
+
+def check_float(name: str, value, *, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be finite and in [{low}, {high}], got {value}")
+    return float(value)

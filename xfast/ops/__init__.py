@@ -1,0 +1,1 @@
+"""Autograd-aware functional ops, one per file."""

@@ -1,0 +1,36 @@
+"""CLIP's symmetric InfoNCE without the N x N logits."""
+from __future__ import annotations
+
+import torch
+
+from xfast import reference
+from xfast._checks import check_embeddings, check_float, check_positive_scalar
+from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similarity_lse
+
+
+def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing: float = 0.0,
+              backend: str = "auto") -> torch.Tensor:
+    """(CE(s X Y^T, I) + CE(s Y X^T, I)) / 2, averaged over the batch.
+
+    x, y: [N, d] embeddings (normalised, as open_clip's ClipLoss takes them; any values work).
+    logit_scale: the multiplier s (already exponentiated), a float or a 1-element tensor that
+    may require grad. label_smoothing as in torch.nn.functional.cross_entropy.
+    backend: "auto" (triton on CUDA, cpu otherwise), "cpu", "triton" or "reference".
+    Returns a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+    check_backend(backend)
+    check_embeddings(("x", "y"), (x, y))
+    logit_scale = check_positive_scalar("logit_scale", logit_scale, x.device)
+    eps = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    acc = accumulation_dtype(x)
+    if backend == "reference":
+        return reference.clip_loss(x.to(acc), y.to(acc), logit_scale.to(acc), label_smoothing=eps)
+    s = logit_scale.to(acc).reshape(())
+    row_lse, col_lse = similarity_lse(x, y, s, with_cols=True, backend=backend)
+    xa, ya = x.to(acc), y.to(acc)
+    # Cross-entropy with smoothing eps is lse - (1 - eps) * z_target - eps * mean_j z_j, and
+    # the mean logit of row i is s * x_i . mean(y): O(N*d).
+    diag = (xa * ya).sum(-1)
+    target_row = (1 - eps) * diag + eps * (xa @ ya.mean(0)) if eps else diag
+    target_col = (1 - eps) * diag + eps * (ya @ xa.mean(0)) if eps else diag
+    return ((row_lse - s * target_row).mean() + (col_lse - s * target_col).mean()) / 2
