@@ -46,7 +46,7 @@ def check_positive_scalar(name: str, value, device: torch.device) -> torch.Tenso
         v = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
-        value = torch.tensor(v, dtype=torch.float32, device=device)
+        value = torch.tensor(v, dtype=torch.float64, device=device)  # cast to the compute dtype later
     else:
         raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not math.isfinite(v) or v <= 0:
