@@ -63,12 +63,13 @@ def check_ks(ks) -> tuple[int, ...]:
     return ks
 
 
-def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def unit_rows(name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows scaled to unit L2 norm in `dtype`; an all-zero row cannot define a direction."""
     x = x.to(dtype)
     norms = x.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError("an embedding row is all zeros, so it has no direction to normalise")
+    zero = (norms.squeeze(1) == 0).nonzero().flatten()
+    if zero.numel():
+        raise ValueError(f"{name} row {int(zero[0])} is all zeros, so it has no direction to normalise")
     return x / norms
 
 

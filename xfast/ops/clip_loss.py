@@ -26,11 +26,12 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
     if backend == "reference":
         return reference.clip_loss(x.to(acc), y.to(acc), logit_scale.to(acc), label_smoothing=eps)
     s = logit_scale.to(acc).reshape(())
-    row_lse, col_lse = similarity_lse(x, y, s, with_cols=True, backend=backend)
-    xa, ya = x.to(acc), y.to(acc)
+    row_lse, col_lse, target = similarity_lse(x, y, s, with_cols=True, target_offset=0, backend=backend)
+    if not eps:
+        return ((row_lse - target).mean() + (col_lse - target).mean()) / 2
     # Cross-entropy with smoothing eps is lse - (1 - eps) * z_target - eps * mean_j z_j, and
     # the mean logit of row i is s * x_i . mean(y): O(N*d).
-    diag = (xa * ya).sum(-1)
-    target_row = (1 - eps) * diag + eps * (xa @ ya.mean(0)) if eps else diag
-    target_col = (1 - eps) * diag + eps * (ya @ xa.mean(0)) if eps else diag
-    return ((row_lse - s * target_row).mean() + (col_lse - s * target_col).mean()) / 2
+    xa, ya = x.to(acc), y.to(acc)
+    target_row = (1 - eps) * target + eps * s * (xa @ ya.mean(0))
+    target_col = (1 - eps) * target + eps * s * (ya @ xa.mean(0))
+    return ((row_lse - target_row).mean() + (col_lse - target_col).mean()) / 2

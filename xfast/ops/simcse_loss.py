@@ -36,6 +36,6 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
     columns = p if hard_negatives is None else torch.cat([p, F.normalize(hard_negatives.to(acc), dim=-1)])
     s = 1 / tau
     # The hard negative of anchor i is column N + i.
-    row_lse, _ = similarity_lse(a, columns, s, diag_bias=weight, diag_offset=z1.shape[0],
-                                with_cols=False, backend=backend)
-    return (row_lse - s * (a * p).sum(-1)).mean()
+    row_lse, _, target = similarity_lse(a, columns, s, diag_bias=weight, diag_offset=z1.shape[0],
+                                        with_cols=False, target_offset=0, backend=backend)
+    return (row_lse - target).mean()
