@@ -68,13 +68,25 @@ def worker(loss: str, method: str, n: int, d: int, repeat: int) -> dict:
             "extra_mb": extra_mb, "threads": torch.get_num_threads()}
 
 
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
 def run_one(loss, method, n, d, repeat) -> dict:
+    columns = 2 * n if loss == "simcse_hn" else n
+    # Materialising methods hold several N x M float32 matrices at once (logits, softmax,
+    # their gradients): skip them rather than let the OOM killer pick a process.
+    if method != "xfast" and 4 * 4 * n * columns > 0.8 * available_bytes():
+        return {"loss": loss, "method": method, "N": n, "d": d,
+                "error": f"skipped: needs about {16 * n * columns / 2**30:.0f} GiB for N x M matrices"}
     cmd = [sys.executable, __file__, "--worker", loss, method, str(n), str(d), str(repeat)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         # Most often the materialising reference running out of memory at large N.
         reason = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
-        return {"loss": loss, "method": method, "N": n, "d": d, "error": reason[:200]}
+        return {"loss": loss, "method": method, "N": n, "d": d, "error": f"failed: {reason[:200]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -83,7 +95,7 @@ def table(rows: list[dict]) -> str:
     floors = {(r["loss"], r["N"]): r["seconds"] for r in rows if r["method"] == "floor" and "seconds" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | failed: {r['error']} | | |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | {r['error']} | | |")
             continue
         floor = floors.get((r["loss"], r["N"]))
         ratio = f"{r['seconds'] / floor:.2f}" if floor else "-"
