@@ -17,11 +17,13 @@ column terms swapped, diagonal offset negated). No atomics, so results are repro
 
 Register pressure of the dX/dY accumulator: a program owns a BLOCK_ROWS x BLOCK_DV slice of
 the output, grid (row_blocks, cdiv(d, BLOCK_DV)), and recomputes the full-d tile S for its
-slice. With BLOCK_DV = 256 (16-bit; 128 for float32) the accumulator is at most 64 fp32
-registers per thread and every d <= 256 (128) runs with no recomputation: 2 GEMMs per launch.
-Larger d costs one extra S GEMM per further slice (d = 512 in bf16: 3 GEMMs instead of 2),
-which we prefer to keeping the accumulator in global memory (a read-modify-write of
-BLOCK_ROWS x d fp32 per column tile, more traffic than the GEMM's operand loads).
+slice. With BLOCK_DV = 256 (16-bit; 128 for float32) the accumulator is 64 fp32 registers per
+thread (8 warps) and every d <= 256 (128) runs with no recomputation: 2 GEMMs per launch, so
+the op costs 5 N x M x d GEMMs (forward 1, backward 4). Each further d slice costs one more
+S GEMM per launch (d = 512 in bf16: 3 instead of 2), which we prefer to keeping the
+accumulator in global memory (a read-modify-write of BLOCK_ROWS x d fp32 per column tile,
+more traffic than the GEMM's operand loads). Compiled offline with triton 3.9 for sm_80 and
+sm_90 (as the test suite does), none of these tile shapes spills registers.
 
 Precision: tl.dot on the input dtype with a float32 accumulator (float64 for float64 inputs);
 the dZ tile is rounded to the input dtype before dZ @ Y only for 16-bit inputs, as
@@ -86,9 +88,9 @@ def _blocks(dtype: torch.dtype, d: int, backward: bool) -> _Blocks:
     if dtype in _LOW_PRECISION:
         rows, cols, k, dv, warps, stages = (64, 64, 64, 256, 8, 2) if backward else (128, 64, 64, 0, 8, 3)
     elif dtype == torch.float32:
-        rows, cols, k, dv, warps, stages = (64, 64, 32, 128, 8, 2) if backward else (128, 64, 32, 0, 8, 2)
-    else:  # float64 runs on the FMA/DMMA units: smaller tiles keep it within shared memory
-        rows, cols, k, dv, warps, stages = (64, 64, 16, 64, 4, 1) if backward else (64, 64, 16, 0, 4, 1)
+        rows, cols, k, dv, warps, stages = (64, 32, 32, 128, 8, 2) if backward else (128, 64, 32, 0, 8, 2)
+    else:  # float64 runs on the FMA/DMMA units: smaller tiles keep it within registers
+        rows, cols, k, dv, warps, stages = (64, 64, 32, 64, 8, 1) if backward else (64, 64, 32, 0, 4, 1)
     return _Blocks(rows, cols, min(k, d_pow2), min(dv, d_pow2), warps, stages)
 
 
@@ -98,24 +100,44 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"  # ignored by tl.dot for 16-bit inputs; float64 needs it
 
 
+def _bf16_as_fp32(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16  # see _dot
+
+
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
-def _similarity_tile(a_ptr, b_ptr, a_offsets, b_offsets, a_ok, b_ok, D, stride_ad, stride_bd,
-                     ACC: tl.constexpr, PRECISION: tl.constexpr,
+def _dot(a, b, acc, PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr):
+    """acc + a @ b. Triton 3.9's interpreter multiplies bfloat16 blocks as their raw uint16
+    bits, so under the interpreter bf16 operands are widened first: bf16 products are exact
+    in fp32, so this is the tensor-core result up to summation order."""
+    if BF16_AS_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _similarity_tile(a_ptr, b_ptr, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """S[i, j] = a_i . b_j for a block of rows of a and of b (offsets: int64 row starts)."""
+    """S[i, j] = a_i . b_j for BLOCK_A rows of a and BLOCK_B rows of b starting at a_ptr, b_ptr.
+
+    Callers move the base pointers in 64-bit scalar arithmetic, so the per-element offsets
+    within a tile stay int32 (fewer registers than int64 offset tensors)."""
+    i = tl.arange(0, BLOCK_A)
+    j = tl.arange(0, BLOCK_B)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D
-        a = tl.load(a_ptr + a_offsets[:, None] + k[None, :] * stride_ad, mask=a_ok[:, None] & k_ok[None, :],
+        a = tl.load(a_ptr + i[:, None] * stride_an + k[None, :] * stride_ad, mask=a_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        b_t = tl.load(b_ptr + b_offsets[None, :] + k[:, None] * stride_bd, mask=b_ok[None, :] & k_ok[:, None],
+        b_t = tl.load(b_ptr + j[None, :] * stride_bn + k[:, None] * stride_bd, mask=b_ok[None, :] & k_ok[:, None],
                       other=0.0)
-        acc = tl.dot(a, b_t, acc, input_precision=PRECISION)
+        acc = _dot(a, b_t, acc, PRECISION, BF16_AS_FP32)
     return acc
 
 
@@ -132,11 +154,12 @@ def _logits(S, scale, bias, rows, cols, valid, diag_offset, HAS_BIAS: tl.constex
 def _forward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_part_ptr,
                     N, M, D, diag_offset, stride_xn, stride_xd, stride_yn, stride_yd, stride_part,
                     HAS_BIAS: tl.constexpr, WITH_COLS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                    BF16_AS_FP32: tl.constexpr,
                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < N
-    x_offsets = rows.to(tl.int64) * stride_xn
+    x_block = x_ptr + tl.cast(pid * BLOCK_ROWS, tl.int64) * stride_xn
     scale = tl.load(scale_ptr).to(ACC)
     bias = tl.load(bias_ptr).to(ACC) if HAS_BIAS else 0.0
     row_max = tl.full((BLOCK_ROWS,), float("-inf"), ACC)
@@ -144,8 +167,9 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_part_ptr
     for c0 in range(0, M, BLOCK_COLS):
         cols = c0 + tl.arange(0, BLOCK_COLS)
         col_ok = cols < M
-        S = _similarity_tile(x_ptr, y_ptr, x_offsets, cols.to(tl.int64) * stride_yn, row_ok, col_ok, D,
-                             stride_xd, stride_yd, ACC, PRECISION, BLOCK_ROWS, BLOCK_COLS, BLOCK_K)
+        S = _similarity_tile(x_block, y_ptr + tl.cast(c0, tl.int64) * stride_yn, row_ok, col_ok, D,
+                             stride_xn, stride_xd, stride_yn, stride_yd, ACC, PRECISION, BF16_AS_FP32,
+                             BLOCK_ROWS, BLOCK_COLS, BLOCK_K)
         z = _logits(S, scale, bias, rows, cols, row_ok[:, None] & col_ok[None, :], diag_offset, HAS_BIAS)
         # Only rows past N have no finite entry; shifting them by 0 keeps exp() free of
         # (-inf) - (-inf).
@@ -167,7 +191,7 @@ def _backward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, a_lse_ptr, b_lse_ptr, a_
                      out_ptr, dscale_rows_ptr,
                      NA, NB, D, diag_offset, stride_an, stride_ad, stride_bn, stride_bd, stride_on, stride_od,
                      HAS_BIAS: tl.constexpr, HAS_A_GRAD: tl.constexpr, HAS_B_GRAD: tl.constexpr,
-                     WITH_DSCALE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                     WITH_DSCALE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
     """out[i, dv slice] = scale * sum_j dZ_ij b_j for the rows i of one block, where
     dZ_ij = g_a_i exp(Z_ij - lse_a_i) + g_b_j exp(Z_ij - lse_b_j); dscale_rows[i] = sum_j dZ_ij S_ij."""
@@ -175,7 +199,7 @@ def _backward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, a_lse_ptr, b_lse_ptr, a_
     pid_dv = tl.program_id(1)
     rows = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < NA
-    a_offsets = rows.to(tl.int64) * stride_an
+    a_block = a_ptr + tl.cast(pid * BLOCK_A, tl.int64) * stride_an
     dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = dv < D
     scale = tl.load(scale_ptr).to(ACC)
@@ -188,9 +212,9 @@ def _backward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, a_lse_ptr, b_lse_ptr, a_
     for c0 in range(0, NB, BLOCK_B):
         cols = c0 + tl.arange(0, BLOCK_B)
         col_ok = cols < NB
-        b_offsets = cols.to(tl.int64) * stride_bn
-        S = _similarity_tile(a_ptr, b_ptr, a_offsets, b_offsets, row_ok, col_ok, D, stride_ad, stride_bd,
-                             ACC, PRECISION, BLOCK_A, BLOCK_B, BLOCK_K)
+        b_block = b_ptr + tl.cast(c0, tl.int64) * stride_bn
+        S = _similarity_tile(a_block, b_block, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                             ACC, PRECISION, BF16_AS_FP32, BLOCK_A, BLOCK_B, BLOCK_K)
         # Outside the matrix z = -inf and the lse are finite (0), so exp() gives exact zeros.
         z = _logits(S, scale, bias, rows, cols, row_ok[:, None] & col_ok[None, :], diag_offset, HAS_BIAS)
         dz = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
@@ -202,12 +226,13 @@ def _backward_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, a_lse_ptr, b_lse_ptr, a_
             dz += g_b[None, :] * tl.exp(z - lse_b[None, :])
         if WITH_DSCALE:
             dscale_rows += tl.sum(dz * S, 1)
-        b_slice = tl.load(b_ptr + b_offsets[:, None] + dv[None, :] * stride_bd, mask=col_ok[:, None] & dv_ok[None, :],
-                          other=0.0)
+        b_slice = tl.load(b_block + tl.arange(0, BLOCK_B)[:, None] * stride_bn + dv[None, :] * stride_bd,
+                          mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         # A no-op for float32/float64; rounds dZ to the 16-bit input type otherwise.
-        acc = tl.dot(dz.to(b_slice.dtype), b_slice, acc, input_precision=PRECISION)
+        acc = _dot(dz.to(b_slice.dtype), b_slice, acc, PRECISION, BF16_AS_FP32)
     out = acc * scale
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + dv[None, :] * stride_od,
+    out_block = out_ptr + tl.cast(pid * BLOCK_A, tl.int64) * stride_on
+    tl.store(out_block + tl.arange(0, BLOCK_A)[:, None] * stride_on + dv[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     if WITH_DSCALE:
         if pid_dv == 0:
@@ -256,7 +281,8 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols):
             x, y, scale_t, bias_t, row_lse, col_part, n, m, d, int(diag_offset),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), col_part.stride(0),
             HAS_BIAS=diag_bias != 0.0, WITH_COLS=bool(with_cols), ACC=_tl_dtype(acc),
-            PRECISION=_dot_precision(x.dtype), BLOCK_ROWS=blocks.rows, BLOCK_COLS=blocks.cols, BLOCK_K=blocks.k,
+            PRECISION=_dot_precision(x.dtype), BF16_AS_FP32=_bf16_as_fp32(x.dtype),
+            BLOCK_ROWS=blocks.rows, BLOCK_COLS=blocks.cols, BLOCK_K=blocks.k,
             num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     col_lse = torch.logsumexp(col_part, dim=0) if with_cols else None
     return row_lse, col_lse
@@ -289,6 +315,7 @@ def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, gr
             out.stride(0), out.stride(1),
             HAS_BIAS=diag_bias != 0.0, HAS_A_GRAD=a_grad is not None, HAS_B_GRAD=b_grad is not None,
             WITH_DSCALE=with_dscale, ACC=_tl_dtype(acc), PRECISION=_dot_precision(x.dtype),
+            BF16_AS_FP32=_bf16_as_fp32(x.dtype),
             BLOCK_A=blocks.rows, BLOCK_B=blocks.cols, BLOCK_K=blocks.k, BLOCK_DV=blocks.dv,
             num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 

@@ -1,0 +1,330 @@
+"""The Triton backend of similarity_lse against plain float64 PyTorch.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1,
+which must be set before xfast's kernel module is imported); a last test compiles them for
+real sm_80/sm_90 GPUs with Triton's compiler and ptxas.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import xfast  # noqa: E402
+from xfast import reference  # noqa: E402
+from xfast.kernels import triton_similarity_lse as triton_kernel  # noqa: E402
+from xfast.ops.similarity_lse import similarity_lse  # noqa: E402
+from tests.loss_cases import assert_close64, assert_within_torch_error, embeddings, leaf, max_err  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_kernel._INTERPRETED else "cpu")
+pytestmark = pytest.mark.skipif(triton_kernel.unavailable_reason(DEVICE) is not None,
+                                reason=str(triton_kernel.unavailable_reason(DEVICE)))
+OUTPUTS = ("row_lse", "col_lse", "dx", "dy", "dscale")
+
+
+def torch_lse_grads(x, y, s, *, diag_bias=0.0, diag_offset=0, grad_row=None, grad_col=None):
+    """Plain PyTorch in x's dtype: materialise Z, torch.logsumexp, autograd."""
+    x, y, s = leaf(x), leaf(y), leaf(s)
+    z = s * (x @ y.T)
+    if diag_bias:
+        rows = torch.arange(x.shape[0], device=x.device)
+        bias = torch.zeros_like(z)
+        bias[rows, rows + diag_offset] = diag_bias
+        z = z + bias
+    row_lse, col_lse = torch.logsumexp(z, 1), torch.logsumexp(z, 0)
+    loss = z.new_zeros(())
+    if grad_row is not None:
+        loss = loss + (row_lse * grad_row.to(z.dtype)).sum()
+    if grad_col is not None:
+        loss = loss + (col_lse * grad_col.to(z.dtype)).sum()
+    loss.backward()
+    return row_lse.detach(), col_lse.detach(), x.grad, y.grad, s.grad
+
+
+def triton_lse_grads(x, y, s, *, diag_bias=0.0, diag_offset=0, grad_row=None, grad_col=None, with_cols=True):
+    """The kernel contract: forward, then backward from the saved logsumexps."""
+    row_lse, col_lse = triton_kernel.forward(x, y, s, diag_bias, diag_offset, with_cols)
+    dx, dy, dscale = triton_kernel.backward(x, y, s, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col)
+    return row_lse, col_lse, dx, dy, dscale
+
+
+def inputs(n, m, d, *, dtype=torch.float32, norm=1.0, scale=14.0, seed=0):
+    x = embeddings(n, d, scale=norm, seed=seed).to(DEVICE, dtype)
+    y = embeddings(m, d, scale=norm, seed=seed + 1).to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(seed + 2)
+    grad_row = torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE)
+    grad_col = torch.randn(m, generator=g, dtype=torch.float64).to(DEVICE)
+    return x, y, torch.tensor(scale, dtype=torch.float64, device=DEVICE), grad_row, grad_col
+
+
+def check_against_float64(x, y, s, *, floor_rel=1e-6, **kw):
+    """float64 inputs: agree with the float64 reference to rounding. Others: error vs float64
+    at most twice that of plain torch in the same precision (flash-attention's rule)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with_cols = kw.pop("with_cols", True)
+    ours = triton_lse_grads(x, y, s.to(acc), with_cols=with_cols, **kw)
+    exact = torch_lse_grads(x.double(), y.double(), s.double(), **kw)
+    plain = torch_lse_grads(x, y, s.to(x.dtype), **kw) if x.dtype != torch.float64 else None
+    for i, (what, a, e) in enumerate(zip(OUTPUTS, ours, exact)):
+        if what == "col_lse" and not with_cols:
+            assert a is None
+            continue
+        assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+        assert torch.isfinite(a).all(), f"{what} is not finite"
+        if what in ("dx", "dy"):
+            assert a.dtype == x.dtype, f"{what} has dtype {a.dtype}"
+        if plain is None:
+            assert_close64(a, e, what, rtol=1e-10, atol=1e-10 * (1 + e.abs().max().item()))
+        else:
+            assert_within_torch_error(a, plain[i], e, what, floor=floor_rel * (1 + e.abs().max().item()))
+
+
+SIZES = [(1, 1, 3), (7, 7, 45), (64, 64, 128), (100, 300, 45), (130, 70, 512)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n,m,d", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
+def test_ragged_sizes_both_directions(n, m, d, dtype):
+    x, y, s, g_row, g_col = inputs(n, m, d, dtype=dtype, seed=n + m + d)
+    check_against_float64(x, y, s, grad_row=g_row, grad_col=g_col)
+
+
+@pytest.mark.parametrize("grads", ["row", "col", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_gradient_terms_independently(grads, dtype):
+    x, y, s, g_row, g_col = inputs(70, 90, 45, dtype=dtype, norm=3.0, scale=100.0, seed=5)
+    check_against_float64(x, y, s, grad_row=g_row if grads != "col" else None,
+                          grad_col=g_col if grads != "row" else None)
+
+
+@pytest.mark.parametrize("with_cols", [True, False], ids=["cols", "rows_only"])
+@pytest.mark.parametrize("offset", ["0", "N"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_diagonal_bias(offset, with_cols, dtype):
+    # offset N: SimCSE's layout, y = [positives | hard negatives] and anchor i's hard negative at N + i.
+    n, d = 50, 45
+    m = n if offset == "0" else 2 * n
+    x, y, s, g_row, g_col = inputs(n, m, d, dtype=dtype, norm=2.0, scale=20.0, seed=9)
+    check_against_float64(x, y, s, diag_bias=1.7, diag_offset=0 if offset == "0" else n, grad_row=g_row,
+                          grad_col=g_col if with_cols else None, with_cols=with_cols)
+
+
+def test_without_cols_returns_none():
+    x, y, s, _, _ = inputs(5, 9, 16)
+    row_lse, col_lse = triton_kernel.forward(x, y, s.float(), 0.0, 0, False)
+    assert col_lse is None and row_lse.shape == (5,) and row_lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,m,d", [(64, 96, 128), (100, 40, 300)], ids=["64x96x128", "100x40x300"])
+def test_low_precision_error_within_twice_torch(n, m, d, dtype):
+    x, y, s, g_row, g_col = inputs(n, m, d, dtype=dtype, scale=30.0, seed=d)
+    # Gradients of a mean over the batch, as the losses produce them.
+    check_against_float64(x, y, s, floor_rel=1e-5, grad_row=g_row.abs() / n, grad_col=g_col.abs() / m)
+
+
+def test_no_overflow_when_naive_exp_would():
+    x, y, s, g_row, g_col = inputs(40, 24, 32, norm=10.0, scale=100.0, seed=3)
+    assert torch.isinf(torch.exp(s.float() * x @ y.T)).any()
+    check_against_float64(x, y, s, grad_row=g_row, grad_col=g_col)
+
+
+def test_non_contiguous_inputs():
+    x, y, s, g_row, g_col = inputs(80, 48, 64, seed=4)
+    x_t = x.T.contiguous().T                          # column-major
+    y_strided = torch.stack([y, -y], dim=2)[:, :, 0]  # stride 2 along d
+    assert not x_t.is_contiguous() and not y_strided.is_contiguous()
+    ours = triton_lse_grads(x_t, y_strided, s.float(), grad_row=g_row.float(), grad_col=g_col.float())
+    dense = triton_lse_grads(x, y, s.float(), grad_row=g_row.float(), grad_col=g_col.float())
+    for what, a, b in zip(OUTPUTS, ours, dense):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def test_autograd_through_similarity_lse():
+    x, y, s, g_row, g_col = inputs(33, 65, 40, dtype=torch.float64, scale=10.0, seed=6)
+    x, y, s = leaf(x), leaf(y), leaf(s)
+    row_lse, col_lse = similarity_lse(x, y, s, diag_bias=0.5, diag_offset=3, backend="triton")
+    ((row_lse * g_row).sum() + (col_lse * g_col).sum()).backward()
+    z = s.detach() * x.detach() @ y.detach().T
+    rows = torch.arange(33, device=DEVICE)
+    z[rows, rows + 3] += 0.5
+    exact = torch_lse_grads(x.detach(), y.detach(), s.detach(), diag_bias=0.5, diag_offset=3,
+                            grad_row=g_row, grad_col=g_col)
+    for what, a, e in zip(OUTPUTS, (row_lse, col_lse, x.grad, y.grad, s.grad), exact):
+        assert_close64(a, e, what)
+    assert_close64(row_lse, torch.logsumexp(z, 1), "row_lse vs explicit logits")
+
+
+# End to end: the losses with backend="triton" against backend="reference", float64.
+
+@pytest.mark.parametrize("n,d,label_smoothing", [(1, 3, 0.0), (7, 45, 0.1), (64, 128, 0.0), (100, 45, 0.2)])
+def test_clip_loss_end_to_end(n, d, label_smoothing):
+    x = embeddings(n, d, normalised=False, scale=2.0, seed=n).to(DEVICE)
+    y = embeddings(n, d, normalised=False, scale=2.0, seed=n + 1).to(DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        xl, yl, sl = leaf(x), leaf(y), torch.tensor([30.0], dtype=torch.float64, device=DEVICE, requires_grad=True)
+        loss = xfast.clip_loss(xl, yl, sl, label_smoothing=label_smoothing, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), xl.grad, yl.grad, sl.grad))
+    for what, a, e in zip(("loss", "dx", "dy", "dlogit_scale"), *results):
+        assert_close64(a, e, what)
+
+
+@pytest.mark.parametrize("n,d,weight", [(1, 3, 0.0), (7, 45, 0.0), (16, 64, 0.0), (16, 64, 1.5), (50, 128, -2.0)])
+def test_simcse_loss_end_to_end(n, d, weight):
+    z1 = embeddings(n, d, normalised=False, scale=3.0, seed=d).to(DEVICE)
+    z2 = embeddings(n, d, normalised=False, scale=3.0, seed=d + 1).to(DEVICE)
+    hard = embeddings(n, d, normalised=False, scale=3.0, seed=d + 2).to(DEVICE) if n > 1 or weight else None
+    results = []
+    for backend in ("triton", "reference"):
+        a, p, tau = leaf(z1), leaf(z2), torch.tensor(0.05, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        h = None if hard is None else leaf(hard)
+        loss = xfast.simcse_loss(a, p, h, temperature=tau, hard_negative_weight=weight, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), a.grad, p.grad, tau.grad) + (() if h is None else (h.grad,)))
+    for what, a, e in zip(("loss", "dz1", "dz2", "dtemperature", "dhard_negatives"), *results):
+        assert_close64(a, e, what)
+
+
+def test_low_precision_clip_loss_end_to_end():
+    n, d = 48, 64
+    x = embeddings(n, d, seed=21).to(DEVICE, torch.bfloat16)
+    y = embeddings(n, d, seed=22).to(DEVICE, torch.bfloat16)
+
+    def run(fn, xx, yy, s, **kw):
+        xx, yy, s = leaf(xx), leaf(yy), leaf(s)
+        loss = fn(xx, yy, s, **kw)
+        loss.backward()
+        return loss.detach(), xx.grad, yy.grad, s.grad
+
+    s = torch.tensor(50.0, device=DEVICE)
+    ours = run(xfast.clip_loss, x, y, s, backend="triton")
+    plain = run(reference.clip_loss, x, y, s.to(torch.bfloat16))
+    exact = run(reference.clip_loss, x.double(), y.double(), s.double())
+    for what, a, p, e in zip(("loss", "dx", "dy", "dlogit_scale"), ours, plain, exact):
+        assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
+
+
+# Availability and bad input.
+
+def test_unavailable_reason_reads_the_environment_at_call_time(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = triton_kernel.unavailable_reason(cpu)
+    assert reason is not None and "needs CUDA tensors (got cpu)" in reason and "TRITON_INTERPRET=1" in reason
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_kernel.unavailable_reason(cpu) == reason
+    with pytest.raises(RuntimeError, match="backend 'triton' is unavailable: backend 'triton' needs CUDA"):
+        xfast.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, backend="triton")
+    assert "needs CUDA tensors (got meta)" in triton_kernel.unavailable_reason(torch.device("meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_kernel.unavailable_reason(cpu) is None
+
+
+def test_interpreter_switched_on_after_import_is_reported(monkeypatch):
+    monkeypatch.setattr(triton_kernel, "_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "set after" in triton_kernel.unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda x, y, s: (x, y[:, :-1], s), "must be \\[N, d\\], \\[M, d\\]"),
+    (lambda x, y, s: (x, y.double(), s), "must share a float dtype"),
+    (lambda x, y, s: (x.long(), y.long(), s), "must share a float dtype"),
+    (lambda x, y, s: (x[:0], y, s), "must be non-empty"),
+    (lambda x, y, s: (x, y, s.to("meta")), "must be on one device"),
+    (lambda x, y, s: (x, y, s.repeat(2)), "scale must hold one value"),
+])
+def test_bad_input_is_named(args, message):
+    x, y, s = torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE), torch.tensor(2.0, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        triton_kernel.forward(*args(x, y, s), 0.0, 0, True)
+
+
+def test_grad_col_needs_col_lse():
+    x, y, s, g_row, g_col = inputs(4, 5, 3)
+    row_lse, _ = triton_kernel.forward(x, y, s.float(), 0.0, 0, False)
+    with pytest.raises(ValueError, match="grad_col needs col_lse"):
+        triton_kernel.backward(x, y, s.float(), 0.0, 0, row_lse, None, None, g_col.float())
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host synchronisation is only observable on CUDA")
+def test_no_host_sync_on_cuda():
+    x, y, s, g_row, g_col = inputs(300, 200, 64, seed=8)
+    s, g_row, g_col = s.float(), g_row.float(), g_col.float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_lse_grads(x, y, s, diag_bias=0.5, diag_offset=0, grad_row=g_row, grad_col=g_col)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# Triton's real compiler (with its bundled ptxas) needs no GPU: check that every kernel
+# variant the wrappers launch compiles for Ampere and Hopper, as the JIT would specialise it
+# (unit d-strides, 16-byte aligned pointers and row strides).
+COMPILE_SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from xfast.kernels import triton_similarity_lse as K
+    assert not K._INTERPRETED
+    PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+    def build(fn, pointers, constants, blocks, arch):
+        sig = {name: "i32" for name in fn.arg_names}
+        sig.update(pointers)
+        unit = [name for name in sig if name.startswith("stride_") and name.endswith("d")]
+        constants.update({name: 1 for name in unit})
+        sig.update({name: "constexpr" for name in constants})
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items()
+                 if ty.startswith("*") or (name.startswith("stride_") and name not in unit)}
+        return triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            common = dict(HAS_BIAS=True, ACC=K._tl_dtype(acc), PRECISION=K._dot_precision(dtype),
+                          BF16_AS_FP32=False)
+            b = K._blocks(dtype, 512, backward=False)
+            fwd = build(K._forward_kernel,
+                        dict(x_ptr=PTR[dtype], y_ptr=PTR[dtype], scale_ptr=PTR[acc], bias_ptr=PTR[acc],
+                             row_lse_ptr=PTR[acc], col_part_ptr=PTR[acc]),
+                        dict(common, WITH_COLS=True, BLOCK_ROWS=b.rows, BLOCK_COLS=b.cols, BLOCK_K=b.k), b, arch)
+            b = K._blocks(dtype, 512, backward=True)
+            bwd = build(K._backward_kernel,
+                        dict(a_ptr=PTR[dtype], b_ptr=PTR[dtype], out_ptr=PTR[dtype], scale_ptr=PTR[acc],
+                             bias_ptr=PTR[acc], a_lse_ptr=PTR[acc], b_lse_ptr=PTR[acc], a_grad_ptr=PTR[acc],
+                             b_grad_ptr=PTR[acc], dscale_rows_ptr=PTR[acc]),
+                        dict(common, HAS_A_GRAD=True, HAS_B_GRAD=True, WITH_DSCALE=True, BLOCK_A=b.rows,
+                             BLOCK_B=b.cols, BLOCK_K=b.k, BLOCK_DV=b.dv), b, arch)
+            for kernel in (fwd, bwd):
+                assert kernel.asm["cubin"], (arch, dtype)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_ampere_and_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_module_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("triton_similarity_lse_without_triton", triton_kernel.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "triton is not importable" in module.unavailable_reason(torch.device("cuda"))
