@@ -7,7 +7,7 @@ subprocess so peak memory is clean:
   floor      four N x M x d GEMMs: the least work a recompute-in-backward loss does
 Time is the best of --repeat runs; "extra memory" is the growth of the process's peak RSS
 during one forward+backward, after the inputs exist (it includes the N x d gradients).
-Writes benchmarks/results/losses.{json,csv} and prints a markdown table.
+Writes benchmarks/results/losses.{json,csv,png} and prints a markdown table.
 
     python benchmarks/bench_losses.py                 # N = 1024, 4096, 8192
     python benchmarks/bench_losses.py --sizes 65536 --methods xfast --repeat 1
@@ -103,6 +103,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Time and peak extra memory against N, one panel each, per loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = sorted({r["loss"] for r in rows})
+    fig, axes = plt.subplots(len(losses), 2, figsize=(10, 3.6 * len(losses)), squeeze=False)
+    for row_axes, loss in zip(axes, losses):
+        for method, style in (("xfast", "o-"), ("reference", "s--"), ("floor", "^:")):
+            pts = sorted((r["N"], r["seconds"], r["extra_mb"]) for r in rows
+                         if r["loss"] == loss and r["method"] == method and "seconds" in r)
+            if not pts:
+                continue
+            n, sec, mb = zip(*pts)
+            row_axes[0].plot(n, sec, style, label=method)
+            row_axes[1].plot(n, mb, style, label=method)
+        for ax, ylabel in zip(row_axes, ("forward+backward time (s)", "peak extra memory (MB)")):
+            ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel=ylabel, title=loss)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="batch sizes N")
@@ -140,6 +165,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=keys, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    plot(rows, out.with_suffix(".png"))
     print()
     print(table(rows))
     return 0

@@ -30,7 +30,7 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2) -> float:
     return float(diff.norm(dim=1).pow(alpha).mean())
 
 
-def uniformity(x: torch.Tensor, t: float = 2, *, block: int = 1024) -> float:
+def uniformity(x: torch.Tensor, t: float = 2, *, block: int = 256) -> float:
     """log of the mean over distinct pairs i != j of exp(-t ||x_i - x_j||^2) (lower = more uniform).
 
     Streamed `block` rows at a time as a running log-sum-exp, so memory is O(block * N).
@@ -86,7 +86,7 @@ def geometry_metrics(
     text_emb: torch.Tensor,
     text_to_media,
     *,
-    block: int = 1024,
+    block: int = 256,
     media_name: str = "media",
 ) -> dict[str, float]:
     """Alignment, uniformity and consistency gaps of a paired media/caption set.

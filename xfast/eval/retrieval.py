@@ -83,7 +83,8 @@ def retrieval_ranks(
     check_matrix("text_emb", text_emb, dim=media_emb.shape[1])
     check_same_device(("media_emb", "text_emb"), (media_emb, text_emb))
     block = check_block(block)
-    (map_k,) = check_ks((map_k,))
+    if isinstance(map_k, bool) or not isinstance(map_k, int) or map_k < 1:
+        raise ValueError(f"map_k must be a positive integer, got {map_k!r}")
     num_media, num_text = media_emb.shape[0], text_emb.shape[0]
     owner = check_index(
         "text_to_media", text_to_media, length=num_text, upper=num_media, upper_name="media_emb rows", device=media_emb.device

@@ -34,11 +34,11 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation in float64; NaN when either input is constant (undefined)."""
+    if bool((x == x[0]).all()) or bool((y == y[0]).all()):
+        return math.nan
     x = x.to(torch.float64) - x.to(torch.float64).mean()
     y = y.to(torch.float64) - y.to(torch.float64).mean()
     denom = x.norm() * y.norm()
-    if float(denom) == 0.0:
-        return math.nan
     return float(((x * y).sum() / denom).clamp(-1.0, 1.0))
 
 

@@ -87,7 +87,7 @@ def zeroshot_classify(
     labels,
     *,
     ks=(1, 5),
-    block: int = 1024,
+    block: int = 256,
 ) -> dict[str, float]:
     """Top-k accuracy of predicting labels[i] as the class whose text embedding is closest (cosine).
 

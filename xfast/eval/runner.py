@@ -1,0 +1,251 @@
+"""Evaluation tasks on a model: what `xfast eval` and the trainer's periodic hook run.
+
+A task is a dict with "task" (zeroshot | retrieval | sts | geometry), "data" and options; see
+the dataclasses below (parsed strictly with xfast.config.parse, so unknown keys are errors).
+`evaluate(model, tokenizer, {"clotho": {"task": "retrieval", "data": "clotho-test-{0..3}.tar"}})`
+returns {"clotho/text_to_audio/R@1": ..., ...}.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from xfast.config import ConfigError, parse
+from xfast.eval.encode import (
+    classnames_from_labels,
+    embed_eval_set,
+    encode_texts,
+    labels_from_csv,
+    labels_to_indices,
+    model_modality,
+    read_classnames,
+    read_label_csv,
+)
+from xfast.eval.geometry import alignment, geometry_metrics, uniformity
+from xfast.eval.retrieval import RetrievalRanks, retrieval_ranks, summarize_ranks
+from xfast.eval.sts import read_sts_file, sts_correlation
+from xfast.eval.zeroshot import build_class_embeddings, check_templates, default_templates, zeroshot_classify
+
+STS_SUFFIXES = (".tsv", ".csv", ".txt")
+
+
+@dataclass
+class ZeroShotTask:
+    data: str = field(metadata={"help": "evaluation shards (pattern/list/dir) whose samples carry a label"})
+    classnames: list[str] | str | None = field(default=None, metadata={
+        "help": "class names in label-index order, or a file (.txt one a line, .json, .csv); default: the sorted "
+                "distinct string labels"})
+    templates: list[str] | None = field(default=None, metadata={
+        "help": "prompt templates with '{}' for the class name; default 'a photo of a {}.' (image) or "
+                "'This is a sound of {}.' (audio)"})
+    label_key: str | None = field(default=None, metadata={
+        "help": "field of each sample's .json holding its label (default: the data's text.tag_field, 'tag')"})
+    labels_csv: str | None = field(default=None, metadata={
+        "help": "CSV mapping sample keys to labels (used instead of labels in the shards)"})
+    ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "top-k accuracies to report"})
+
+
+@dataclass
+class RetrievalTask:
+    data: str = field(metadata={"help": "evaluation shards with all captions of each item"})
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "recall cut-offs"})
+    map_k: int = field(default=10, metadata={"help": "cut-off of mAP"})
+
+
+TEXT_SPACE_HELP = ("text embeddings compared: 'sentence' = the language encoder's pooled output before "
+                   "projection (model.sentence_embedding), 'joint' = the shared space (model.encode_text)")
+
+
+@dataclass
+class STSTask:
+    data: str = field(metadata={"help": "TSV/CSV of sentence1, sentence2, score (STS-B / SICK-R layout)"})
+    space: Literal["sentence", "joint"] = field(default="sentence", metadata={"help": TEXT_SPACE_HELP})
+
+
+@dataclass
+class GeometryTask:
+    data: str = field(metadata={
+        "help": "evaluation shards (media + captions), or an STS file (.tsv/.csv/.txt) for the text space alone"})
+    sts_positive_threshold: float = field(default=4.0, metadata={
+        "help": "STS file: pairs scoring at least this are the positives of text alignment (SimCSE's analysis)"})
+    space: Literal["sentence", "joint"] = field(default="sentence", metadata={
+        "help": f"STS file only: {TEXT_SPACE_HELP} (shards always use the joint space)"})
+
+
+TASKS: dict[str, type] = {"zeroshot": ZeroShotTask, "retrieval": RetrievalTask, "sts": STSTask, "geometry": GeometryTask}
+
+
+def parse_task(raw: dict, path: str):
+    """A task dataclass from {"task": kind, ...options}; ConfigError names the bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected an object with a 'task' key, got {type(raw).__name__}")
+    options = dict(raw)
+    kind = options.pop("task", None)
+    if kind not in TASKS:
+        raise ConfigError(f"{path}.task: {kind!r} is not a task; choose one of {', '.join(map(repr, TASKS))}")
+    task = parse(TASKS[kind], options, path)
+    if isinstance(task, ZeroShotTask) and task.templates is not None:
+        try:
+            check_templates(task.templates)
+        except ValueError as err:
+            raise ConfigError(f"{path}.templates: {err}") from None
+    return task
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float]
+    ranks: RetrievalRanks | None = None
+
+
+LoadBatches = Callable[..., Iterable[dict]]
+
+
+def xfast_data_batches(data: str, *, modality: str, tokenizer, batch_size: int, data_config: dict | None = None):
+    """Evaluation batches from xfast.data.build_loader(train=False): one ordered pass over
+    `data` with centre crops / clip starts, all captions in "captions", labels in "tags", the
+    last partial batch kept. `data_config` is a raw "data" section (e.g. the training run's):
+    its image/audio/text preprocessing and num_workers are reused; sources, modality and
+    batching are set here."""
+    from xfast.data import DataConfig, build_loader
+
+    raw = {k: v for k, v in (data_config or {}).items() if k in ("image", "audio", "text", "num_workers")}
+    raw.update(sources=[{"urls": data}], modality=modality, batch_size=batch_size, shard_shuffle=False,
+               shuffle_buffer=0, persistent_workers=False)
+    raw.setdefault("num_workers", 0)
+    return build_loader(parse(DataConfig, raw, "data"), tokenizer, train=False)
+
+
+def _with_tag_field(data_config: dict | None, field_name: str) -> dict:
+    """A copy of the raw data section reading labels from the .json field `field_name`."""
+    raw = dict(data_config or {})
+    raw["text"] = {**raw.get("text", {}), "tag_field": field_name}
+    return raw
+
+
+def run_task(
+    model,
+    tokenizer,
+    task,
+    *,
+    batch_size: int = 64,
+    block: int = 256,
+    max_items: int | None = None,
+    progress: bool = False,
+    load_batches: LoadBatches = xfast_data_batches,
+    data_config: dict | None = None,
+) -> TaskResult:
+    """Run one task (a TASKS dataclass or its raw dict) in eval mode and return its metrics
+    (and ranks for retrieval).
+
+    load_batches(data, modality=, tokenizer=, batch_size=, data_config=) yields evaluation
+    batches (default: xfast.data's evaluation loader); max_items caps the media items read.
+    """
+    if isinstance(task, dict):
+        task = parse_task(task, "task")
+    with eval_mode(model):
+        return _run(model, tokenizer, task, batch_size=batch_size, block=block, max_items=max_items,
+                    progress=progress, load_batches=load_batches, data_config=data_config)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside (no dropout), the previous train/eval mode restored after."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
+def _run(model, tokenizer, task, *, batch_size, block, max_items, progress, load_batches, data_config) -> TaskResult:
+    def batches():
+        raw = data_config
+        if isinstance(task, ZeroShotTask) and task.label_key is not None:
+            raw = _with_tag_field(data_config, task.label_key)
+        return load_batches(task.data, modality=model_modality(model), tokenizer=tokenizer,
+                            batch_size=batch_size, data_config=raw)
+
+    # Texts are truncated where training truncated them, when the run's data section says.
+    max_length = ((data_config or {}).get("text") or {}).get("max_length")
+
+    def texts(sentences, space="joint"):
+        return encode_texts(model, tokenizer, sentences, batch_size=batch_size, max_length=max_length,
+                            space=space, progress=progress)
+
+    if isinstance(task, STSTask) or (isinstance(task, GeometryTask) and Path(task.data).suffix in STS_SUFFIXES):
+        s1, s2, gold = read_sts_file(task.data)
+        unique = sorted(set(s1) | set(s2))
+        emb = dict(zip(unique, texts(unique, task.space)))
+        emb1 = torch.stack([emb[s] for s in s1])
+        emb2 = torch.stack([emb[s] for s in s2])
+        if isinstance(task, STSTask):
+            return TaskResult(sts_correlation(emb1, emb2, gold))
+        positive = [i for i, score in enumerate(gold) if score >= task.sts_positive_threshold]
+        if not positive:
+            raise ValueError(f"{task.data}: no pair scores >= sts_positive_threshold={task.sts_positive_threshold}")
+        return TaskResult({
+            "text/alignment": alignment(emb1[positive], emb2[positive]),
+            "text/uniformity": uniformity(torch.stack(list(emb.values())), block=block),
+        })
+
+    modality = model_modality(model)
+    if isinstance(task, ZeroShotTask):
+        evalset = embed_eval_set(model, tokenizer, batches(), captions=False, labels=task.labels_csv is None,
+                                 batch_size=batch_size, max_items=max_items,
+                                 progress=progress)
+        raw_labels = labels_from_csv(evalset.keys, read_label_csv(task.labels_csv)) if task.labels_csv else evalset.labels
+        classnames = read_classnames(task.classnames) if task.classnames is not None else classnames_from_labels(raw_labels)
+        labels = labels_to_indices(raw_labels, classnames)
+        templates = task.templates or list(default_templates(modality))
+        class_emb = build_class_embeddings(texts, classnames, templates, batch_size=batch_size)
+        metrics = zeroshot_classify(evalset.media_emb, class_emb, labels, ks=task.ks, block=block)
+        metrics["classes"] = float(len(classnames))
+        return TaskResult(metrics)
+
+    evalset = embed_eval_set(model, tokenizer, batches(), batch_size=batch_size, max_items=max_items,
+                             progress=progress)
+    if isinstance(task, RetrievalTask):
+        ranks = retrieval_ranks(evalset.media_emb, evalset.text_emb, evalset.text_to_media, block=block, map_k=task.map_k)
+        return TaskResult(summarize_ranks(ranks, ks=task.ks, media_name=modality), ranks)
+    return TaskResult(geometry_metrics(evalset.media_emb, evalset.text_emb, evalset.text_to_media,
+                                       block=block, media_name=modality))
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: dict[str, Any],
+    *,
+    batch_size: int = 64,
+    block: int = 256,
+    max_items: int | None = None,
+    progress: bool = False,
+    load_batches: LoadBatches = xfast_data_batches,
+    data_config: dict | None = None,
+) -> dict[str, float]:
+    """Run named tasks, e.g. {"esc50": {"task": "zeroshot", "data": ..., "classnames": ...}},
+    and return one flat dict "{name}/{metric}" -> float (ready for a logger).
+
+    The model is put in eval mode for the duration and its previous mode restored, so the
+    trainer can call this between steps. Tasks are parsed before anything runs, so a bad config
+    fails at once.
+    """
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"tasks must be a non-empty dict of name -> task config, got {tasks!r}")
+    parsed = {name: t if dataclasses.is_dataclass(t) else parse_task(t, f"eval.tasks.{name}") for name, t in tasks.items()}
+    out: dict[str, float] = {}
+    for name, task in parsed.items():
+        result = run_task(model, tokenizer, task, batch_size=batch_size, block=block, max_items=max_items,
+                          progress=progress, load_batches=load_batches, data_config=data_config)
+        out.update({f"{name}/{key}": value for key, value in result.metrics.items()})
+    return out
