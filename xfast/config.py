@@ -105,12 +105,15 @@ def _convert(tp, value, path):
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
+        options = typing.get_args(tp)
+        if value is not None and len(options) == 2 and type(None) in options:
+            # Optional[X]: report the error inside X, not "does not fit X | null".
+            return _convert(next(o for o in options if o is not type(None)), value, path)
+        for option in options:
             try:
                 return _convert(option, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: {value!r} does not fit {_type_name(tp)}")
     if tp is type(None):
         if value is not None:

@@ -1,0 +1,255 @@
+"""Config sections "model" and "objective" (parsed with xfast.config.parse).
+
+A model is a text tower plus exactly one media tower (image or audio). Each tower is an HF
+transformers model built from a size preset ("tiny"/"base") or loaded from a local folder
+("pretrained"), then pooled and projected to the shared embedding space of size embed_dim.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from xfast.config import ConfigError
+
+# Tower types per modality. "auto" loads any AutoModel text encoder from a local folder.
+TOWER_TYPES: dict[str, tuple[str, ...]] = {
+    "text": ("bert", "roberta", "clip_text", "auto"),
+    "image": ("vit", "clip_vision"),
+    "audio": ("htsat", "ast"),
+}
+TEXT_POOLINGS = ("cls", "cls_mlp", "mean", "eos")
+# Allowed poolings per tower type; the first one is the default.
+POOLINGS: dict[str, tuple[str, ...]] = {
+    "bert": TEXT_POOLINGS,
+    "roberta": TEXT_POOLINGS,
+    "auto": TEXT_POOLINGS,
+    "clip_text": ("eos",) + tuple(p for p in TEXT_POOLINGS if p != "eos"),
+    # vit: the final-normed CLS token; clip_vision: CLIP's post-layernormed CLS (pooler_output).
+    "vit": ("cls", "mean"),
+    "clip_vision": ("cls", "mean"),
+    # htsat: LAION-CLAP's average over the last stage's tokens (ClapAudioModel's pooler_output).
+    "htsat": ("mean",),
+    # ast: "cls_dist" averages the CLS and distillation tokens (ASTModel's pooler_output).
+    "ast": ("cls_dist", "cls", "mean"),
+}
+PRESETS = ("tiny", "base")
+PROJECTIONS = ("linear", "mlp", "none")
+
+
+@dataclass
+class TowerConfig:
+    """One encoder: which HF architecture, how it is initialised, pooled, projected and frozen."""
+    type: str = field(metadata={"help": "architecture: text bert|roberta|clip_text|auto (auto: any AutoModel "
+                                        "encoder, pretrained only); image vit|clip_vision; audio htsat|ast"})
+    preset: str | None = field(default=None, metadata={
+        "help": "random initialisation at a size preset: 'tiny' (hidden 32, 2 layers; tests) or 'base'; "
+                "exclusive with 'pretrained'"})
+    pretrained: str | None = field(default=None, metadata={
+        "help": "local folder with an HF save_pretrained checkpoint (e.g. a sentence-transformers model); "
+                "exclusive with 'preset'. Never a hub name"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "HF config attributes to set on top of the preset or checkpoint, e.g. "
+                "{\"hidden_dropout_prob\": 0.1}"})
+    pooling: str | None = field(default=None, metadata={
+        "help": "text cls|cls_mlp|mean|eos; image cls|mean; htsat mean; ast cls_dist|cls|mean; "
+                "null picks the architecture's usual one"})
+    mlp_only_train: bool = field(default=False, metadata={
+        "help": "cls_mlp only: in eval mode the sentence embedding is the bare CLS vector (unsupervised "
+                "SimCSE); the cross-modal projection always sees the MLP output"})
+    projection: str = field(default="linear", metadata={
+        "help": "head into the shared space: 'linear' (CLIP, no bias), 'mlp' (LAION-CLAP: "
+                "Linear-ReLU-Linear) or 'none' (needs hidden size == embed_dim)"})
+    freeze: Literal["none", "all", "all_but_last_n"] = field(default="none", metadata={
+        "help": "freeze the backbone: 'all' (kept in eval mode: no dropout, frozen norm statistics) or "
+                "all but its last 'last_n' layers and final norm"})
+    last_n: int = field(default=0, metadata={"help": "trainable last layers for freeze=all_but_last_n"})
+    freeze_head: bool = field(default=False, metadata={"help": "also freeze the pooling MLP and projection"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "HF gradient checkpointing"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "text only: local tokenizer folder (xfast.models.train_tokenizer output); defaults to the "
+                "'pretrained' folder"})
+
+
+@dataclass
+class ModelConfig:
+    """Section "model": a text tower, exactly one of image/audio, and the shared space."""
+    text: TowerConfig = field(metadata={"help": "text tower"})
+    image: TowerConfig | None = field(default=None, metadata={"help": "image tower (CLIP)"})
+    audio: TowerConfig | None = field(default=None, metadata={"help": "audio tower (CLAP)"})
+    embed_dim: int = field(default=512, metadata={"help": "size of the shared embedding space"})
+    logit_scale_init: float = field(default=1 / 0.07, metadata={
+        "help": "initial logit scale (the multiplier, not its log); stored as log"})
+    logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of the scale inside forward"})
+    learn_logit_scale: bool = field(default=True, metadata={"help": "train the logit scale"})
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.image is not None else "audio"
+
+    @property
+    def media(self) -> TowerConfig:
+        return self.image if self.image is not None else self.audio
+
+    def towers(self) -> dict[str, TowerConfig]:
+        """{"text": ..., "image"|"audio": ...} in a fixed order."""
+        return {"text": self.text, self.modality: self.media}
+
+    def validate(self, path: str) -> None:
+        if (self.image is None) == (self.audio is None):
+            raise ConfigError(f"{path}: set exactly one media tower, 'image' or 'audio' (got "
+                              f"{'both' if self.image is not None else 'neither'})")
+        if self.embed_dim <= 0:
+            raise ConfigError(f"{path}.embed_dim: must be positive, got {self.embed_dim}")
+        if not (math.isfinite(self.logit_scale_init) and self.logit_scale_init > 0):
+            raise ConfigError(f"{path}.logit_scale_init: must be positive and finite, got {self.logit_scale_init}")
+        if not self.logit_scale_max >= self.logit_scale_init:
+            raise ConfigError(f"{path}.logit_scale_max: must be >= logit_scale_init ({self.logit_scale_init}), "
+                              f"got {self.logit_scale_max}")
+        for modality, tower in self.towers().items():
+            _validate_tower(tower, modality, f"{path}.{modality}")
+        # Dims are checked against the HF configs the towers will be built from (no weights made).
+        from xfast.models.towers import hf_config
+        for modality, tower in self.towers().items():
+            _validate_dims(tower, hf_config(tower, f"{path}.{modality}"), self.embed_dim, f"{path}.{modality}",
+                           f"{path}.embed_dim")
+
+
+def _validate_tower(tower: TowerConfig, modality: str, path: str) -> None:
+    allowed = TOWER_TYPES[modality]
+    if tower.type not in allowed:
+        raise ConfigError(f"{path}.type: {tower.type!r} is not a {modality} tower; choose one of "
+                          f"{', '.join(map(repr, allowed))}")
+    if (tower.preset is None) == (tower.pretrained is None):
+        raise ConfigError(f"{path}: set exactly one of 'preset' ({', '.join(map(repr, PRESETS))}) or "
+                          f"'pretrained' (a local folder)")
+    if tower.preset is not None and tower.preset not in PRESETS:
+        raise ConfigError(f"{path}.preset: {tower.preset!r} is not allowed; choose one of "
+                          f"{', '.join(map(repr, PRESETS))}")
+    if tower.type == "auto" and tower.pretrained is None:
+        raise ConfigError(f"{path}.type: 'auto' loads an architecture from a 'pretrained' folder and has no presets")
+    if tower.pretrained is not None and not os.path.isfile(os.path.join(tower.pretrained, "config.json")):
+        raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} is not a folder with an HF config.json")
+    poolings = POOLINGS[tower.type]
+    if tower.pooling is not None and tower.pooling not in poolings:
+        raise ConfigError(f"{path}.pooling: {tower.pooling!r} is not allowed for type {tower.type!r}; choose one "
+                          f"of {', '.join(map(repr, poolings))}")
+    if tower.mlp_only_train and tower.pooling != "cls_mlp":
+        raise ConfigError(f"{path}.mlp_only_train: only applies to pooling 'cls_mlp', got pooling {tower.pooling!r}")
+    if tower.projection not in PROJECTIONS:
+        raise ConfigError(f"{path}.projection: {tower.projection!r} is not allowed; choose one of "
+                          f"{', '.join(map(repr, PROJECTIONS))}")
+    if tower.freeze == "all_but_last_n":
+        if tower.last_n < 1:
+            raise ConfigError(f"{path}.last_n: freeze 'all_but_last_n' needs last_n >= 1, got {tower.last_n}")
+    elif tower.last_n:
+        raise ConfigError(f"{path}.last_n: only applies to freeze 'all_but_last_n' (freeze is {tower.freeze!r})")
+    if tower.tokenizer is not None:
+        if modality != "text":
+            raise ConfigError(f"{path}.tokenizer: only the text tower has a tokenizer")
+        if not os.path.isdir(tower.tokenizer):
+            raise ConfigError(f"{path}.tokenizer: {tower.tokenizer!r} is not a folder")
+
+
+def _validate_dims(tower: TowerConfig, config, embed_dim: int, path: str, embed_key: str) -> None:
+    hidden = config.hidden_size
+    if tower.type == "htsat":
+        merged = config.patch_embeds_hidden_size * 2 ** (len(config.depths) - 1)
+        if hidden != merged:
+            raise ConfigError(f"{path}.overrides.hidden_size: htsat needs hidden_size == patch_embeds_hidden_size * "
+                              f"2**(len(depths)-1) = {merged}, got {hidden}")
+        if len(config.num_attention_heads) != len(config.depths):
+            raise ConfigError(f"{path}.overrides.num_attention_heads: one head count per stage "
+                              f"({len(config.depths)} depths), got {config.num_attention_heads}")
+        for stage, heads in enumerate(config.num_attention_heads):
+            dim = config.patch_embeds_hidden_size * 2 ** stage
+            if dim % heads:
+                raise ConfigError(f"{path}.overrides.num_attention_heads: stage {stage} width {dim} is not "
+                                  f"divisible by {heads} heads")
+        if config.enable_fusion:
+            raise ConfigError(f"{path}.overrides.enable_fusion: not supported; the audio tower takes one log-mel "
+                              f"channel [B, 1, frames, n_mels]")
+        if config.spec_size % config.num_mel_bins:
+            raise ConfigError(f"{path}.overrides.num_mel_bins: htsat needs spec_size ({config.spec_size}) to be a "
+                              f"multiple of num_mel_bins ({config.num_mel_bins})")
+    elif isinstance(getattr(config, "num_attention_heads", None), int) and hidden % config.num_attention_heads:
+        raise ConfigError(f"{path}.overrides.hidden_size: {hidden} is not divisible by num_attention_heads "
+                          f"({config.num_attention_heads})")
+    if tower.projection == "none" and hidden != embed_dim:
+        raise ConfigError(f"{path}.projection: 'none' needs the tower's hidden size ({hidden}) to equal "
+                          f"{embed_key} ({embed_dim}); use 'linear' or 'mlp'")
+    if tower.gradient_checkpointing:
+        from xfast.models.towers import model_class
+        if not model_class(tower, config).supports_gradient_checkpointing:
+            raise ConfigError(f"{path}.gradient_checkpointing: the HF {tower.type!r} model does not support it")
+
+
+@dataclass
+class SimCSEConfig:
+    """Sentence-embedding training of the text tower (Gao et al. 2021)."""
+    mode: Literal["none", "unsup", "sup"] = field(default="none", metadata={
+        "help": "'unsup': two dropout views of the same sentences; 'sup': NLI (anchor, entailment, "
+                "contradiction) triplets"})
+    weight: float = field(default=1.0, metadata={"help": "lambda_se, the weight of the SimCSE loss in the total"})
+    temperature: float = field(default=0.05, metadata={"help": "softmax temperature of SimCSE"})
+    hard_negative_weight: float = field(default=0.0, metadata={
+        "help": "sup only: log-weight added to each anchor's own hard-negative logit (SimCSE's code: 0)"})
+    source: Literal["captions", "sentences", "both"] = field(default="captions", metadata={
+        "help": "unsup only: the batch's own captions, an external sentence stream, or both (mean of the two)"})
+    embedding: Literal["pooled", "projected"] = field(default="pooled", metadata={
+        "help": "SimCSE on the text tower's pooled sentence embedding (as a sentence encoder is trained) or "
+                "on its projection into the shared space"})
+    schedule: Literal["joint", "sequential"] = field(default="joint", metadata={
+        "help": "'joint': added to the cross-modal loss every step; 'sequential': SimCSE alone for "
+                "stage1_steps, then cross-modal training alone from those weights"})
+    stage1_steps: int = field(default=0, metadata={"help": "sequential only: optimizer steps of the SimCSE stage"})
+
+    def validate(self, path: str) -> None:
+        if self.mode == "none":
+            return
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"{path}.weight: must be positive with mode {self.mode!r}, got {self.weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"{path}.temperature: must be positive, got {self.temperature}")
+        if self.hard_negative_weight and self.mode != "sup":
+            raise ConfigError(f"{path}.hard_negative_weight: only applies to mode 'sup' (hard negatives)")
+        if self.source != "captions" and self.mode != "unsup":
+            raise ConfigError(f"{path}.source: only applies to mode 'unsup'; 'sup' trains on the NLI stream")
+        if self.schedule == "sequential" and self.stage1_steps < 1:
+            raise ConfigError(f"{path}.stage1_steps: schedule 'sequential' needs stage1_steps >= 1")
+        if self.schedule == "joint" and self.stage1_steps:
+            raise ConfigError(f"{path}.stage1_steps: only applies to schedule 'sequential'")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Section "objective": weighted sum of CLIP/CyCLIP/SimCSE terms, each reported separately."""
+    contrastive_weight: float = field(default=1.0, metadata={"help": "weight of the cross-modal InfoNCE (CLIP)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-modal loss"})
+    cyclip_lambda1: float = field(default=0.0, metadata={
+        "help": "CyCLIP in-modal consistency weight (CyCLIP's runs: 0.25)"})
+    cyclip_lambda2: float = field(default=0.0, metadata={
+        "help": "CyCLIP cross-modal consistency weight (CyCLIP's runs: 0.25)"})
+    simcse: SimCSEConfig = field(default_factory=SimCSEConfig, metadata={"help": "sentence-embedding training"})
+
+    def validate(self, path: str) -> None:
+        for key in ("contrastive_weight", "cyclip_lambda1", "cyclip_lambda2"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{path}.{key}: must be a finite number >= 0, got {value}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{path}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not self.cross_modal:
+            if self.simcse.mode == "none":
+                raise ConfigError(f"{path}: nothing to train: contrastive_weight, cyclip_lambda1, cyclip_lambda2 "
+                                  f"are 0 and simcse.mode is 'none'")
+            if self.simcse.schedule == "sequential":
+                raise ConfigError(f"{path}.contrastive_weight: schedule 'sequential' needs a cross-modal stage "
+                                  f"after the SimCSE one; set contrastive_weight > 0")
+
+    @property
+    def cross_modal(self) -> bool:
+        """Whether any cross-modal term has a weight; without one the objective is SimCSE alone and
+        needs no paired media (a text-only sentence-embedding run)."""
+        return bool(self.contrastive_weight or self.cyclip_lambda1 or self.cyclip_lambda2)

@@ -1,0 +1,179 @@
+"""ContrastiveModel: text tower + one media tower + learnable logit scale (CLIP / CLAP)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from xfast.config import ConfigError
+from xfast.models.config import ModelConfig
+from xfast.models.tokenizer import load_tokenizer, vocab_facts
+from xfast.models.towers import EncoderTower, build_backbone, normalize
+
+# Batch key of each media tower's input.
+MEDIA_INPUT = {"image": "pixel_values", "audio": "input_features"}
+
+
+class ContrastiveModel(nn.Module):
+    """Two towers mapping text and image/audio into one L2-normalised space.
+
+    encode_* return L2-normalised [B, embed_dim]; pass normalized=False for the raw projection.
+    sentence_embedding() is the text tower's pooled output before projection (what STS and
+    SimCSE use). features() computes what an Objective needs for one (micro-)batch; forward()
+    is features(), so a DeepSpeed engine can be called like the model.
+    """
+
+    def __init__(self, cfg: ModelConfig, text: EncoderTower, media: EncoderTower, tokenizer=None):
+        super().__init__()
+        self.config = cfg
+        self.modality = cfg.modality
+        self.text = text
+        self.media = media
+        self.tokenizer = tokenizer
+        self.logit_scale_max = cfg.logit_scale_max
+        # Shape (1,), not 0-dim: DeepSpeed ZeRO cannot broadcast 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)),
+                                        requires_grad=cfg.learn_logit_scale)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at logit_scale_max, shape (1,)."""
+        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    normalized: bool = True) -> torch.Tensor:
+        _, projected = self.text(**self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask))
+        return normalize(projected) if normalized else projected
+
+    def sentence_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled output [B, hidden] (unnormalised, before projection)."""
+        sentence, _ = self.text(**self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask))
+        return sentence
+
+    def encode_image(self, pixel_values: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
+        self._require_modality("image")
+        _, projected = self.media(**self.media.check_inputs(pixel_values=pixel_values))
+        return normalize(projected) if normalized else projected
+
+    def encode_audio(self, input_features: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
+        """input_features: log-mel Float[B, 1, frames, n_mels] (see xfast.models.towers)."""
+        self._require_modality("audio")
+        _, projected = self.media(**self.media.check_inputs(input_features=input_features))
+        return normalize(projected) if normalized else projected
+
+    def encode_media(self, batch: Mapping, *, normalized: bool = True) -> torch.Tensor:
+        """encode_image(batch["pixel_values"]) or encode_audio(batch["input_features"])."""
+        key = MEDIA_INPUT[self.modality]
+        if key not in batch:
+            hint = " (the audio towers take log-mel features, not waveforms)" if "waveform" in batch else ""
+            raise ValueError(f"the {self.modality} tower needs batch[{key!r}]; the batch has keys "
+                             f"{sorted(batch)}{hint}")
+        encode = self.encode_image if self.modality == "image" else self.encode_audio
+        return encode(batch[key], normalized=normalized)
+
+    def data_requirements(self) -> dict:
+        """What the data pipeline must produce: max_text_length and the media input's sizes."""
+        return {**self.text.requirements(), **self.media.requirements()}
+
+    def features(self, batch: Mapping | None = None, *, objective=None, step: int | None = None,
+                 sentences: Mapping | None = None, nli: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """The embeddings `objective` needs at `step` (all of them [rows, dim]).
+
+        Without an objective: {"media", "text"}. Concatenate the dicts of several micro-batches
+        along dim 0 and call the objective once to keep the contrastive batch whole.
+        """
+        from xfast.models.objective import feature_plan
+        plan = feature_plan(objective, step)
+        out: dict[str, torch.Tensor] = {}
+        if plan.unsup and self.text.freeze == "all":
+            raise ConfigError("model.text.freeze: unsupervised SimCSE trains the text tower, but freeze 'all' keeps "
+                              "it fixed and in eval mode (no dropout, identical views)")
+        if plan.unsup and self.text.dropout_probability() == 0:
+            raise ConfigError("model.text.overrides: unsupervised SimCSE needs dropout in the text tower (its two "
+                              "views would be identical); set e.g. hidden_dropout_prob or attention_dropout > 0")
+        if plan.cross_modal or plan.captions:
+            _require(batch, ("input_ids", "attention_mask"), "batch")
+        if plan.cross_modal:
+            key = MEDIA_INPUT[self.modality]
+            if key in batch and len(batch[key]) != len(batch["input_ids"]):
+                raise ValueError(f"batch: {key} has {len(batch[key])} rows but input_ids has "
+                                 f"{len(batch['input_ids'])}; pairs must line up")
+            out["media"] = self.encode_media(batch)
+        projected = plan.embedding == "projected"
+        if plan.captions:
+            # Both dropout views of the captions in one forward pass of the doubled batch.
+            views = self._text_views(batch["input_ids"], batch["attention_mask"], 2)
+            (sent1, proj1), (sent2, proj2) = views
+            out["text_view2"] = normalize(proj2) if projected else sent2
+            if not projected:
+                out["text_pooled"] = sent1
+            if plan.cross_modal or projected:
+                out["text"] = normalize(proj1)
+        elif plan.cross_modal:
+            out["text"] = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        if plan.sentences:
+            _require(sentences, ("input_ids", "attention_mask"), "sentences")
+            (s1, p1), (s2, p2) = self._text_views(sentences["input_ids"], sentences["attention_mask"], 2)
+            out["sent_a"], out["sent_b"] = (normalize(p1), normalize(p2)) if projected else (s1, s2)
+        if plan.nli:
+            keys = [f"{part}_{kind}" for part in ("anchor", "positive", "negative")
+                    for kind in ("input_ids", "attention_mask")]
+            _require(nli, keys, "nli")
+            parts = [self.text.check_inputs(input_ids=nli[f"{part}_input_ids"],
+                                            attention_mask=nli[f"{part}_attention_mask"])
+                     for part in ("anchor", "positive", "negative")]
+            if len({p["input_ids"].shape for p in parts}) == 1:
+                # One forward pass over the stacked triplets (the data pads them to one length).
+                sentence, proj = self.text(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+                encoded = list(zip(sentence.chunk(3), proj.chunk(3)))
+            else:
+                encoded = [self.text(**p) for p in parts]
+            for part, (sentence, proj) in zip(("anchor", "positive", "negative"), encoded):
+                out[f"nli_{part}"] = normalize(proj) if projected else sentence
+        return out
+
+    forward = features
+
+    def _text_views(self, input_ids, attention_mask, copies: int):
+        inputs = self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask)
+        sentence, projected = self.text(**{k: v.repeat(copies, 1) for k, v in inputs.items()})
+        return list(zip(sentence.chunk(copies), projected.chunk(copies)))
+
+    def _require_modality(self, modality: str) -> None:
+        if self.modality != modality:
+            raise ValueError(f"this model's media tower is {self.modality!r}, not {modality!r}")
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """Towers in HF format (text/ + tokenizer, image/ or audio/), heads, xfast_config.json."""
+        from xfast.models.io import save_pretrained
+        save_pretrained(self, out_dir)
+
+
+def _require(source: Mapping | None, keys, name: str) -> None:
+    if source is None:
+        raise ValueError(f"the objective needs the {name!r} input (keys {', '.join(keys)}) but none was given")
+    missing = [k for k in keys if k not in source]
+    if missing:
+        raise ValueError(f"{name} lacks {', '.join(missing)}; it has {', '.join(sorted(source))}")
+
+
+def build_model(cfg: ModelConfig, *, path: str = "model") -> ContrastiveModel:
+    """Build both towers from presets or local folders (never a hub); random parts use torch's RNG."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model takes a ModelConfig (xfast.config.parse(ModelConfig, raw, 'model')), "
+                        f"got {type(cfg).__name__}")
+    cfg.validate(path)
+    tokenizer = None
+    if cfg.text.tokenizer is not None or cfg.text.pretrained is not None:
+        try:
+            tokenizer = load_tokenizer(cfg.text)
+        except ValueError:
+            if cfg.text.tokenizer is not None:
+                raise
+            # A pretrained text folder without a tokenizer: the caller brings its own.
+    vocab = vocab_facts(tokenizer) if tokenizer is not None else None
+    text = EncoderTower("text", cfg.text, build_backbone(cfg.text, f"{path}.text", vocab=vocab), cfg.embed_dim, path)
+    media_backbone = build_backbone(cfg.media, f"{path}.{cfg.modality}")
+    media = EncoderTower(cfg.modality, cfg.media, media_backbone, cfg.embed_dim, path)
+    return ContrastiveModel(cfg, text, media, tokenizer)

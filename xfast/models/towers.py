@@ -1,0 +1,341 @@
+"""Encoder towers: an HF backbone (from a preset or a local folder), pooling, projection, freezing.
+
+Inputs each tower takes (what the data pipeline must produce):
+- text: input_ids / attention_mask Long[B, L], right-padded, L <= max_text_length
+  (max_position_embeddings; minus 2 for RoBERTa, whose positions start after the pad id).
+- image: pixel_values Float[B, num_channels, image_size, image_size], normalised.
+- htsat: input_features Float[B, 1, frames, n_mels] log-mel with n_mels == num_mel_bins and
+  frames <= spec_size * (spec_size // num_mel_bins); shorter inputs are stretched to that many
+  frames by ClapAudioModel (bicubic), as LAION-CLAP does for 10 s clips (1001 -> 1024 frames).
+  is_longer is not used: feature fusion is off (one mel channel). The base preset (LAION-CLAP's
+  HTSAT) takes 64 mels x <= 1024 frames (48 kHz, hop 480, 10 s); tiny takes 16 mels x <= 256.
+- ast: input_features Float[B, 1, frames, n_mels] (squeezed to ASTModel's [B, frames, n_mels])
+  with frames == max_length and n_mels == num_mel_bins exactly (base: 1024 x 128; tiny 64 x 16).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (MODEL_MAPPING, AutoConfig, ASTConfig, ASTModel, BertConfig, BertModel, ClapAudioConfig,
+                          ClapAudioModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
+                          PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaModel, ViTConfig, ViTModel)
+
+from xfast.config import ConfigError
+from xfast.models.config import POOLINGS, TowerConfig
+from xfast.models.heads import ClsMlp, projection_head
+
+# type -> (HF config class, HF model class, model_type a pretrained folder must declare)
+ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], str]] = {
+    "bert": (BertConfig, BertModel, "bert"),
+    "roberta": (RobertaConfig, RobertaModel, "roberta"),
+    "clip_text": (CLIPTextConfig, CLIPTextModel, "clip_text_model"),
+    "vit": (ViTConfig, ViTModel, "vit"),
+    "clip_vision": (CLIPVisionConfig, CLIPVisionModel, "clip_vision_model"),
+    "htsat": (ClapAudioConfig, ClapAudioModel, "clap_audio_model"),
+    "ast": (ASTConfig, ASTModel, "audio-spectrogram-transformer"),
+}
+
+_TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# Tiny text towers share the special-token layout of xfast.models.train_tokenizer:
+# [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
+_TINY_TEXT = dict(_TINY_TRANSFORMER, vocab_size=1000, max_position_embeddings=64, pad_token_id=0)
+PRESET_OVERRIDES: dict[str, dict[str, dict]] = {
+    # "base" starts from the HF class defaults, which are the reference sizes: BERT-base, ViT-B/16,
+    # CLIP ViT-B/32's towers, AST-base and LAION-CLAP's HTSAT; only RoBERTa needs its own numbers.
+    "base": {
+        "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    },
+    "tiny": {
+        "bert": _TINY_TEXT,
+        "roberta": dict(_TINY_TEXT, max_position_embeddings=66),
+        # CLIP's text transformer has no dropout but attention dropout; SimCSE needs some.
+        "clip_text": dict(_TINY_TEXT, bos_token_id=2, eos_token_id=3, attention_dropout=0.1),
+        "vit": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
+        "clip_vision": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
+        "htsat": dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, patch_embeds_hidden_size=16,
+                      depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, window_size=4,
+                      enable_fusion=False),
+        "ast": dict(_TINY_TRANSFORMER, patch_size=16, num_mel_bins=16, max_length=64, frequency_stride=16,
+                    time_stride=16),
+    },
+}
+# HF config attributes that hold a dropout probability, across the supported architectures.
+DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
+
+
+def hf_config(tower: TowerConfig, path: str) -> PretrainedConfig:
+    """The HF config a tower is built from: preset (or checkpoint) plus overrides; no weights."""
+    if tower.pretrained is not None:
+        config = AutoConfig.from_pretrained(tower.pretrained)
+        if tower.type != "auto":
+            expected = ARCHITECTURES[tower.type][2]
+            if config.model_type != expected:
+                raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} holds a {config.model_type!r} model but "
+                                  f"type {tower.type!r} needs model_type {expected!r} (or use type 'auto' for text)")
+        elif getattr(config, "vocab_size", None) is None:
+            raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} holds a {config.model_type!r} model, not a "
+                              f"text encoder (its config has no vocab_size)")
+    else:
+        config = ARCHITECTURES[tower.type][0](**PRESET_OVERRIDES[tower.preset].get(tower.type, {}))
+    reference = type(config)()
+    for key, value in tower.overrides.items():
+        if not hasattr(reference, key):
+            raise ConfigError(f"{path}.overrides.{key}: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def model_class(tower: TowerConfig, config: PretrainedConfig) -> type[PreTrainedModel]:
+    if tower.type == "auto":
+        if type(config) not in MODEL_MAPPING:
+            raise ConfigError(f"model.text.pretrained: transformers has no AutoModel for {type(config).__name__}")
+        return MODEL_MAPPING[type(config)]
+    return ARCHITECTURES[tower.type][1]
+
+
+def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None) -> PreTrainedModel:
+    """The HF model of a tower. vocab: tokenizer facts for random text towers (size, special ids)."""
+    config = hf_config(tower, path)
+    if vocab is not None and tower.pretrained is None:
+        _fit_vocab(config, tower, vocab, path)
+    cls = model_class(tower, config)
+    # A pooler layer nobody uses would get no gradient (DeepSpeed/DDP complain about that).
+    extra = {"add_pooling_layer": False} if "add_pooling_layer" in _init_parameters(cls) else {}
+    if tower.pretrained is not None:
+        model = cls.from_pretrained(tower.pretrained, config=config, **extra)
+    else:
+        model = cls(config, **extra)
+    if tower.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    return model
+
+
+def _init_parameters(cls) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.__init__).parameters)
+
+
+def _fit_vocab(config, tower: TowerConfig, vocab: dict, path: str) -> None:
+    size = vocab["size"]
+    if "vocab_size" in tower.overrides:
+        if config.vocab_size < size:
+            raise ConfigError(f"{path}.overrides.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
+                              f"{size} tokens")
+    else:
+        config.vocab_size = size
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if vocab.get(key) is not None and key not in tower.overrides and hasattr(config, key):
+            setattr(config, key, vocab[key])
+
+
+class EncoderTower(nn.Module):
+    """backbone -> pooling -> (sentence embedding, projection input) -> projection.
+
+    For every pooling but 'cls_mlp' the sentence embedding and the projection input are the same
+    vector. With 'cls_mlp' the projection always sees MLP(CLS); the sentence embedding is MLP(CLS)
+    too, except in eval mode with mlp_only_train (bare CLS, as unsupervised SimCSE evaluates).
+    """
+
+    def __init__(self, modality: str, tower: TowerConfig, backbone: PreTrainedModel, embed_dim: int,
+                 path: str = "model"):
+        super().__init__()
+        self.modality = modality
+        self.type = tower.type
+        self.pooling = tower.pooling or POOLINGS[tower.type][0]
+        self.mlp_only_train = tower.mlp_only_train
+        self.freeze = tower.freeze
+        self.backbone = backbone
+        hidden = self.hidden_size
+        self.cls_mlp = ClsMlp(hidden) if self.pooling == "cls_mlp" else None
+        self.projection = projection_head(tower.projection, hidden, embed_dim)
+        self._apply_freeze(tower, f"{path}.{modality}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A fully frozen backbone is a fixed function: no dropout, no BatchNorm statistics updates.
+        if self.freeze == "all":
+            self.backbone.eval()
+        return self
+
+    def forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sentence embedding, projected embedding), both unnormalised."""
+        pooled = self._pool(**inputs)
+        if self.cls_mlp is None:
+            return pooled, self.projection(pooled)
+        mlp_out = self.cls_mlp(pooled)
+        sentence = pooled if (self.mlp_only_train and not self.training) else mlp_out
+        return sentence, self.projection(mlp_out)
+
+    def _pool(self, **inputs) -> torch.Tensor:
+        if self.modality == "text":
+            return self._pool_text(inputs["input_ids"], inputs["attention_mask"])
+        if self.modality == "image":
+            return self._pool_image(inputs["pixel_values"])
+        return self._pool_audio(inputs["input_features"])
+
+    def _pool_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling in ("cls", "cls_mlp"):
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1)
+        # eos: the last real token of each right-padded row (CLIP's EOT, BERT's [SEP]).
+        last = attention_mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def _pool_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(pixel_values=pixel_values)
+        if self.type == "clip_vision":
+            if self.pooling == "cls":
+                return out.pooler_output
+            # transformers 4 nests the layers under .vision_model; 5 does not.
+            post_layernorm = getattr(self.backbone, "vision_model", self.backbone).post_layernorm
+            return post_layernorm(out.last_hidden_state[:, 1:].mean(1))
+        hidden = out.last_hidden_state
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(1)
+
+    def _pool_audio(self, features: torch.Tensor) -> torch.Tensor:
+        if self.type == "htsat":
+            return self.backbone(input_features=features).pooler_output
+        out = self.backbone(input_values=features[:, 0])
+        if self.pooling == "cls_dist":
+            return out.pooler_output
+        hidden = out.last_hidden_state
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 2:].mean(1)
+
+    # -- input checks: every error names the tensor, the expected layout and the tower's settings.
+
+    def check_inputs(self, **inputs) -> dict[str, torch.Tensor]:
+        device, dtype = self._param_device_dtype()
+        if self.modality == "text":
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            for name, t in (("input_ids", ids), ("attention_mask", mask)):
+                _check_tensor(name, t, 2, integer=True)
+            if ids.shape != mask.shape:
+                raise ValueError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} differ in shape")
+            if ids.shape[0] == 0 or ids.shape[1] == 0:
+                raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)})")
+            limit = self.requirements()["max_text_length"]
+            if ids.shape[1] > limit:
+                raise ValueError(f"input_ids has length {ids.shape[1]} but the text tower takes at most {limit} tokens")
+            lengths = mask.sum(1)
+            if bool((lengths == 0).any()):
+                raise ValueError("attention_mask has a row with no tokens")
+            if self.pooling == "eos":
+                positions = torch.arange(mask.shape[1], device=mask.device)
+                if not bool((mask.bool() == (positions < lengths[:, None])).all()):
+                    raise ValueError("eos pooling needs right-padded input (attention_mask rows of 1s then 0s)")
+            return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if self.modality == "image":
+            x = inputs["pixel_values"]
+            _check_tensor("pixel_values", x, 4, integer=False)
+            req = self.requirements()
+            size, channels = req["image_size"], req["num_channels"]
+            if tuple(x.shape[1:]) != (channels, size, size):
+                raise ValueError(f"pixel_values must be [B, {channels}, {size}, {size}] for this {self.type} tower, "
+                                 f"got {tuple(x.shape)}")
+            return {"pixel_values": _finite("pixel_values", x).to(device, dtype)}
+        x = inputs["input_features"]
+        _check_tensor("input_features", x, 4, integer=False)
+        req = self.requirements()
+        n_mels, frames = req["n_mels"], req["max_frames"]
+        if x.shape[1] != 1 or x.shape[3] != n_mels:
+            raise ValueError(f"input_features must be log-mel [B, 1, frames, {n_mels}] for this {self.type} tower, "
+                             f"got {tuple(x.shape)}")
+        if self.type == "ast" and x.shape[2] != frames:
+            raise ValueError(f"input_features must have exactly {frames} frames (ast max_length), got {x.shape[2]}")
+        if x.shape[2] > frames:
+            raise ValueError(f"input_features has {x.shape[2]} frames; this htsat tower takes at most {frames}")
+        return {"input_features": _finite("input_features", x).to(device, dtype)}
+
+    def requirements(self) -> dict:
+        """What the data pipeline must produce for this tower (see the module docstring)."""
+        c = self.backbone.config
+        if self.modality == "text":
+            offset = 2 if c.model_type in ("roberta", "xlm-roberta") else 0
+            return {"max_text_length": c.max_position_embeddings - offset}
+        if self.modality == "image":
+            return {"image_size": c.image_size, "num_channels": c.num_channels}
+        if self.type == "htsat":
+            return {"n_mels": c.num_mel_bins, "max_frames": c.spec_size * (c.spec_size // c.num_mel_bins)}
+        return {"n_mels": c.num_mel_bins, "max_frames": c.max_length}
+
+    def dropout_probability(self) -> float:
+        """Largest dropout probability in the backbone's config (0: two forward passes are identical)."""
+        c = self.backbone.config
+        return max((float(getattr(c, k)) for k in DROPOUT_ATTRIBUTES
+                    if isinstance(getattr(c, k, None), (int, float))), default=0.0)
+
+    def _param_device_dtype(self):
+        p = next(self.backbone.parameters())
+        return p.device, p.dtype
+
+    def _apply_freeze(self, tower: TowerConfig, path: str) -> None:
+        if tower.freeze_head:
+            for module in (self.cls_mlp, self.projection):
+                if module is not None:
+                    module.requires_grad_(False)
+        if tower.freeze == "none":
+            return
+        self.backbone.requires_grad_(False)
+        if tower.freeze == "all":
+            return
+        layers_name, layers = _encoder_layers(self.backbone)
+        if tower.last_n > len(layers):
+            raise ConfigError(f"{path}.last_n: {tower.last_n} exceeds the {len(layers)} layers of the {tower.type} tower")
+        for layer in layers[len(layers) - tower.last_n:]:
+            layer.requires_grad_(True)
+        # The final norm sits next to the layer stack (HTSAT) or next to its encoder (CLIP, ViT, AST).
+        parent = _parent(layers_name)
+        owners = {parent, _parent(parent)}
+        for name, module in self.backbone.named_modules():
+            if name.rsplit(".", 1)[-1] in FINAL_NORMS and _parent(name) in owners:
+                module.requires_grad_(True)
+
+
+FINAL_NORMS = ("final_layer_norm", "post_layernorm", "layernorm", "norm")
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _encoder_layers(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The backbone's stack of encoder layers (HTSAT: its stages): the longest ModuleList named layer(s)."""
+    candidates = [(name, m) for name, m in backbone.named_modules()
+                  if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    if not candidates:
+        raise ConfigError(f"freeze 'all_but_last_n': cannot find the encoder layers of {type(backbone).__name__}")
+    return max(candidates, key=lambda c: len(c[1]))
+
+
+def _check_tensor(name: str, t, dims: int, *, integer: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if not integer and not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
+
+
+def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
