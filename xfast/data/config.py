@@ -163,9 +163,10 @@ class AudioConfig:
 @dataclass
 class TextConfig:
     max_length: int = field(default=77, metadata={"help": "tokens per text (padded and truncated to this)"})
-    caption_keys: list[str] = field(default_factory=lambda: ["txt", "json:text", "json:caption"], metadata={
-        "help": "where captions are looked for, first found wins: 'txt' is the sample's .txt file, 'json:FIELD' a "
-                "field of its .json (a string or a list of captions)"})
+    caption_keys: list[str] = field(default_factory=lambda: ["json:text", "txt", "json:caption"], metadata={
+        "help": "where captions are looked for, first found wins: 'json:FIELD' is a field of the sample's .json "
+                "(a string or a list of captions; LAION-CLAP and `xfast shards` use 'text'), 'txt' its .txt file "
+                "(img2dataset)"})
     tag_field: str = field(default="tag", metadata={"help": "field of the .json holding labels/tags (eval)"})
     train_caption: Literal["random", "first"] = field(default="random", metadata={
         "help": "which caption of a list a training sample uses"})

@@ -1,0 +1,217 @@
+"""Samples per second of the image and audio pipelines (0, 1, 2 workers) vs a naive loop.
+
+Data are made on the fly: 640x480 JPEG images with captions (img2dataset layout) and 5-30 s
+44.1 kHz FLAC clips with caption lists (LAION-CLAP layout; 10 s at 48 kHz go to the model). The naive
+loop reads the same tars with tarfile and handles one sample at a time: full-size decode,
+resize + crop, normalise, tokenise; for audio: decode, resample the whole file, crop/pad and a
+per-clip torch.stft log-mel. The process is pinned to 2 cores and uses 1 torch thread (as
+DataLoader workers do); throughput is over the whole epoch, worker start-up included (the time
+to the first batch is shown too). Samples per CPU-second (this process and its workers) is the
+efficiency, which other load on a shared machine does not distort as it does wall time.
+
+    .venv/bin/python benchmarks/bench_data.py            # full run, writes benchmarks/results/data.json
+    .venv/bin/python benchmarks/bench_data.py --quick    # fewer samples
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+from PIL import Image
+
+from xfast.config import parse
+from xfast.data import DataConfig, build_loader
+from xfast.data.audio import LogMel, pad_or_trim
+from xfast.data.image import ImageNormalizer
+
+CLIP_SECONDS = (5, 10, 20, 30)  # LAION-CLAP's sources mix short and long recordings
+WORDS = "a the dog cat bird car rain sea wind bell runs sits sings on in red blue small big photo sound".split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def _caption(rng) -> str:
+    return " ".join(rng.choice(WORDS, size=8))
+
+
+def _write(path: str, samples: list[dict]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def make_image_shards(directory: str, count: int, per_shard: int) -> str:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    for shard in range(count // per_shard):
+        samples = []
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            pixels = np.stack([(x + i) % 256, (y * 2) % 256, (x + y + 7 * i) % 256], -1)
+            pixels = (pixels + rng.integers(0, 40, size=pixels.shape)).clip(0, 255).astype(np.uint8)
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+            text = _caption(rng)
+            samples.append({"__key__": f"{i:09d}", "jpg": out.getvalue(), "txt": text.encode(),
+                            "json": json.dumps({"caption": text}).encode()})
+        _write(os.path.join(directory, f"img-{shard:04d}.tar"), samples)
+    return os.path.join(directory, f"img-{{0000..{count // per_shard - 1:04d}}}.tar")
+
+
+def make_audio_shards(directory: str, count: int, per_shard: int) -> str:
+    rng = np.random.default_rng(0)
+    for shard in range(count // per_shard):
+        samples = []
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            t = np.arange(44100 * CLIP_SECONDS[i % len(CLIP_SECONDS)]) / 44100
+            wave = 0.4 * np.sin(2 * np.pi * (200 + 20 * i) * t * (1 + 0.1 * t)) + 0.02 * rng.standard_normal(t.shape)
+            out = io.BytesIO()
+            soundfile.write(out, wave.astype(np.float32), 44100, format="FLAC")
+            meta = {"text": [_caption(rng), _caption(rng)], "tag": ["synth"]}
+            samples.append({"__key__": f"{i:09d}", "flac": out.getvalue(), "json": json.dumps(meta).encode()})
+        _write(os.path.join(directory, f"aud-{shard:04d}.tar"), samples)
+    return os.path.join(directory, f"aud-{{0000..{count // per_shard - 1:04d}}}.tar")
+
+
+def _tar_samples(pattern: str):
+    from xfast.data import expand_urls
+
+    for url in expand_urls(pattern):
+        with tarfile.open(url) as archive:
+            sample: dict = {}
+            for member in archive:
+                key, ext = member.name.split(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = archive.extractfile(member).read()
+            if sample:
+                yield sample
+
+
+def naive_image(pattern: str, cfg: DataConfig, tokenizer):
+    """One sample at a time: full decode, resize shorter side, centre crop, normalise, tokenise."""
+    normalize = ImageNormalizer(cfg.image)
+    size = cfg.image.size
+    for sample in _tar_samples(pattern):
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        normalize(np.array(image)[None])
+        tokenizer(sample["txt"].decode(), padding="max_length", truncation=True, max_length=cfg.text.max_length,
+                  return_tensors="pt")
+        yield
+
+
+def naive_audio(pattern: str, cfg: DataConfig, tokenizer):
+    """One clip at a time: decode, resample the whole file, crop/pad, log-mel, tokenise."""
+    logmel = LogMel(cfg.audio)
+    for sample in _tar_samples(pattern):
+        wave, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32")
+        wave = soxr.resample(wave, rate, cfg.audio.sample_rate)
+        wave = pad_or_trim(wave, cfg.audio.num_samples, "repeatpad")
+        logmel(torch.from_numpy(wave)[None])
+        tokenizer(json.loads(sample["json"])["text"][0], padding="max_length", truncation=True,
+                  max_length=cfg.text.max_length, return_tensors="pt")
+        yield
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (finished DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_pipeline(pattern: str, modality: str, workers: int, batch_size: int, tokenizer) -> dict:
+    """Training mode (shuffle buffer, random crops); throughput over the whole epoch, start-up included."""
+    cfg = parse(DataConfig, {"sources": [{"urls": pattern}], "modality": modality, "batch_size": batch_size,
+                             "num_workers": workers, "shuffle_buffer": 256, "drop_last": False,
+                             "persistent_workers": False}, "data")  # workers exit (and are reaped) at the end
+    loader = build_loader(cfg, tokenizer, train=True)
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    first, count = None, 0
+    for batch in loader:
+        first = first or time.perf_counter()
+        count += len(batch["__key__"])
+    wall = time.perf_counter() - start
+    return {"samples_per_s": count / wall, "samples_per_cpu_s": count / (_cpu_seconds() - cpu),
+            "first_batch_s": first - start}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data.json"),
+                        help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+    # One torch thread everywhere, as in DataLoader workers: the naive loop and the 0-worker
+    # loader are single streams too (and 2 torch threads on 2 busy cores only add contention).
+    torch.set_num_threads(1)
+    n_images, n_clips = (256, 32) if args.quick else (1024, 128)
+    tokenizer = _tokenizer()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        patterns = {"image": make_image_shards(tmp, n_images, 64), "audio": make_audio_shards(tmp, n_clips, 32)}
+        for modality, naive in (("image", naive_image), ("audio", naive_audio)):
+            cfg = parse(DataConfig, {"sources": [{"urls": patterns[modality]}], "modality": modality}, "data")
+            start, cpu = time.perf_counter(), _cpu_seconds()
+            count = sum(1 for _ in naive(patterns[modality], cfg, tokenizer))
+            base = count / (time.perf_counter() - start)
+            rows.append({"pipeline": modality, "loader": "naive loop", "samples_per_s": base, "speedup": 1.0,
+                         "samples_per_cpu_s": count / (_cpu_seconds() - cpu), "first_batch_s": None})
+            for workers in (0, 1, 2):
+                result = run_pipeline(patterns[modality], modality, workers, args.batch_size, tokenizer)
+                rows.append({"pipeline": modality, "loader": f"xfast, {workers} workers", **result,
+                             "speedup": result["samples_per_s"] / base})
+    lines = ["| pipeline | loader | samples/s | vs naive | samples per CPU-s | first batch (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        first = "" if row["first_batch_s"] is None else f"{row['first_batch_s']:.2f}"
+        lines.append(f"| {row['pipeline']} | {row['loader']} | {row['samples_per_s']:.1f} | "
+                     f"{row['speedup']:.2f}x | {row['samples_per_cpu_s']:.1f} | {first} |")
+    lines.append(f"(load average while running: {os.getloadavg()[0]:.1f} on "
+                 f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)")
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "batch_size": args.batch_size, "images": n_images, "clips": n_clips,
+                   "load_average_1min": os.getloadavg()[0],
+                   "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                   "machine": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
+                  f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

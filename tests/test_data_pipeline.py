@@ -1,0 +1,359 @@
+"""Formats, splitting, determinism, resampling and resume of the streaming pipeline."""
+import collections
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import (audio_samples, caption, data_config, image_samples, keys_of, make_tokenizer, tokenizer,
+                           write_shards, write_tar)
+from xfast.config import ConfigError
+from xfast.data import DataError, build_loader, expand_urls, read_sizes
+from xfast.data.pipeline import ShardStream
+
+
+def _all_keys(n):
+    return [f"{i:06d}" for i in range(n)]
+
+
+# Formats -------------------------------------------------------------------------------------
+
+def test_image_batches_eval(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [5, 5, 3])
+    batches = list(build_loader(data_config(pattern), tokenizer, train=False))
+    assert keys_of(batches) == _all_keys(13)  # file order, last batch kept
+    assert [len(b["__key__"]) for b in batches] == [4, 4, 4, 1]
+    batch = batches[0]
+    assert set(batch) == {"__key__", "input_ids", "attention_mask", "pixel_values", "captions"}
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    ref = tokenizer([caption(i) for i in range(4)], padding="max_length", truncation=True, max_length=8,
+                    return_tensors="pt")
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+    torch.testing.assert_close(batch["input_ids"], ref["input_ids"])
+    torch.testing.assert_close(batch["attention_mask"], ref["attention_mask"])
+    assert batch["captions"] == [[caption(i)] for i in range(4)]
+
+
+def test_image_captions_from_txt_when_json_has_none(tmp_path, tokenizer):
+    # img2dataset: KEY.jpg + KEY.txt + KEY.json without a "text" field.
+    samples = image_samples(0, 3)
+    for s in samples:
+        s["txt"] = "from txt " + s["__key__"]
+    write_tar(tmp_path / "a.tar", samples)
+    batch = next(iter(build_loader(data_config(str(tmp_path / "a.tar")), tokenizer, train=False)))
+    assert batch["captions"] == [[f"from txt {i:06d}"] for i in range(3)]
+
+
+def test_audio_batches_logmel_waveform_and_captions(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [3, 3], make=audio_samples)
+    cfg = data_config(pattern, modality="audio")
+    batch = next(iter(build_loader(cfg, tokenizer, train=False)))
+    assert batch["input_features"].shape == (4, 1, cfg.audio.num_frames, 16)
+    assert batch["captions"] == [[caption(i), caption(i + 1000)] for i in range(4)]
+    assert batch["tags"] == [[f"class{i % 3}"] for i in range(4)]
+    train_batch = next(iter(build_loader(cfg, tokenizer, train=True)))
+    assert "captions" not in train_batch and "tags" not in train_batch
+    cfg = data_config(pattern, modality="audio", audio={"output": "waveform"})
+    batch = next(iter(build_loader(cfg, tokenizer, train=False)))
+    assert batch["waveform"].shape == (4, cfg.audio.num_samples) and "input_features" not in batch
+
+
+def test_training_draws_one_caption_of_the_list(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", [{"__key__": f"{i:03d}", "flac": audio_samples(0, 1)[0]["flac"],
+                                    "json": {"text": ["dog", "cat", "rain"]}} for i in range(24)])
+    cfg = data_config(str(tmp_path / "a.tar"), modality="audio", batch_size=24)
+    ids = next(iter(build_loader(cfg, tokenizer)))["input_ids"][:, 0].tolist()
+    words = {tokenizer.convert_ids_to_tokens(i) for i in ids}
+    assert words == {"dog", "cat", "rain"}  # 24 random draws hit all three
+    cfg = data_config(str(tmp_path / "a.tar"), modality="audio", batch_size=24, text={"train_caption": "first"})
+    ids = next(iter(build_loader(cfg, tokenizer)))["input_ids"][:, 0].tolist()
+    assert {tokenizer.convert_ids_to_tokens(i) for i in ids} == {"dog"}
+
+
+def test_sentences_from_text_file_and_shards(tmp_path, tokenizer):
+    lines = [caption(i) for i in range(10)]
+    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n")
+    batches = list(build_loader(data_config(str(tmp_path / "wiki.txt"), modality="text"), tokenizer, train=False))
+    assert set(batches[0]) == {"__key__", "input_ids", "attention_mask"}
+    assert keys_of(batches) == [f"wiki.txt:{i}" for i in range(10)]
+    ref = tokenizer(lines[:4], padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    torch.testing.assert_close(batches[0]["input_ids"], ref["input_ids"])
+    write_tar(tmp_path / "s.tar", [{"__key__": f"{i:03d}", "txt": line} for i, line in enumerate(lines)])
+    batches = list(build_loader(data_config(str(tmp_path / "s.tar"), modality="text"), tokenizer, train=False))
+    torch.testing.assert_close(batches[0]["input_ids"], ref["input_ids"])
+
+
+def _nli_check(batches, tokenizer, triplets):
+    batch = batches[0]
+    assert set(batch) == {"__key__"} | {f"{r}_{k}" for r in ("anchor", "positive", "negative")
+                                        for k in ("input_ids", "attention_mask")}
+    for role, i in (("anchor", 0), ("positive", 1), ("negative", 2)):
+        ref = tokenizer([t[i] for t in triplets[:4]], padding="max_length", truncation=True, max_length=8,
+                        return_tensors="pt")
+        torch.testing.assert_close(batch[f"{role}_input_ids"], ref["input_ids"])
+        torch.testing.assert_close(batch[f"{role}_attention_mask"], ref["attention_mask"])
+    assert sum(len(b["__key__"]) for b in batches) == len(triplets)
+
+
+def test_nli_from_simcse_csv_jsonl_and_shards(tmp_path, tokenizer):
+    triplets = [(caption(i), caption(i + 100), caption(i + 200)) for i in range(6)]
+    (tmp_path / "nli.csv").write_text("sent0,sent1,hard_neg\n" + "".join(f"{a},{p},{n}\n" for a, p, n in triplets))
+    _nli_check(list(build_loader(data_config(str(tmp_path / "nli.csv"), modality="nli"), tokenizer, train=False)),
+               tokenizer, triplets)
+    records = [{"anchor": a, "positive": p, "negative": n} for a, p, n in triplets]
+    (tmp_path / "nli.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _nli_check(list(build_loader(data_config(str(tmp_path / "nli.jsonl"), modality="nli"), tokenizer,
+                                 train=False)), tokenizer, triplets)
+    write_tar(tmp_path / "nli.tar", [{"__key__": f"{i:03d}", "json": r} for i, r in enumerate(records)])
+    _nli_check(list(build_loader(data_config(str(tmp_path / "nli.tar"), modality="nli"), tokenizer, train=False)),
+               tokenizer, triplets)
+
+
+# Sources ------------------------------------------------------------------------------------
+
+def test_url_expansion_sizes_and_pipe(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [5, 4, 3])
+    first, rest = pattern.replace("{0000..0002}", "0000"), pattern.replace("{0000..0002}", "{0001..0002}")
+    assert expand_urls(pattern) == expand_urls(f"{first}::{rest}") == expand_urls(str(tmp_path)) \
+        == expand_urls([first, rest]) == [str(tmp_path / f"shards-{i:04d}.tar") for i in range(3)]
+    assert read_sizes(expand_urls(pattern)) == 12
+    assert read_sizes([str(tmp_path / "other.tar")]) is None
+    with pytest.raises(ConfigError, match="pipe:aws s3 cp"):
+        expand_urls("s3://bucket/shards-{0..3}.tar")
+    piped = [f"pipe:cat {url}" for url in expand_urls(pattern)]
+    batches = list(build_loader(data_config(piped), tokenizer, train=False))
+    assert keys_of(batches) == _all_keys(12)
+
+
+def test_num_batches_and_samples_from_sizes_json(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [5, 4, 3, 6])
+    for train, workers in ((False, 0), (True, 0), (True, 3), (False, 3)):
+        loader = build_loader(data_config(pattern, num_workers=workers), tokenizer, train=train)
+        assert loader.num_samples == 18
+        slots = max(1, workers)
+        made = sum(1 for w in range(slots) for item in loader._dataset._run(0, w, slots, None) if "__key__" in item)
+        assert loader.num_batches == made
+    assert build_loader(data_config(write_shards(tmp_path / "n", [3], sizes_json=False)), tokenizer).num_batches \
+        is None
+
+
+def test_missing_pad_token_is_a_clear_error(tmp_path):
+    tok = copy.deepcopy(make_tokenizer())
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        build_loader(data_config(write_shards(tmp_path, [2])), tok)
+
+
+# Order, splitting -----------------------------------------------------------------------------
+
+def test_order_is_determined_by_seed_and_epoch(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [6, 6, 6, 6])
+
+    def order(seed, epoch):
+        cfg = data_config(pattern, seed=seed, drop_last=False)
+        return keys_of(build_loader(cfg, tokenizer, epoch=epoch))
+
+    first = order(0, 0)
+    assert sorted(first) == _all_keys(24) and first != _all_keys(24)
+    assert order(0, 0) == first
+    assert order(1, 0) != first and order(0, 1) != first
+
+
+def _slot_keys(dataset: ShardStream, epoch: int, worker: int, num_workers: int) -> list[str]:
+    return [k for item in dataset._run(epoch, worker, num_workers, None) if "__key__" in item for k in item["__key__"]]
+
+
+@pytest.mark.parametrize("per_shard", [[5, 3, 4, 6, 2, 5], [7, 5, 6], [9]])
+def test_split_by_rank_and_worker_reads_every_sample_once(tmp_path, tokenizer, per_shard):
+    """4 slots (2 ranks x 2 workers); also with fewer shards than slots. Slots run in process."""
+    pattern = write_shards(tmp_path, per_shard)
+    cfg = data_config(pattern, drop_last=False)
+    seen = []
+    for rank in range(2):
+        loader = build_loader(cfg, tokenizer, rank=rank, world_size=2)
+        for worker in range(2):
+            keys = _slot_keys(loader._dataset, 0, worker, 2)
+            assert keys, f"slot {rank}/{worker} got nothing"
+            seen.extend(keys)
+    assert sorted(seen) == _all_keys(sum(per_shard))
+
+
+def test_two_ranks_with_two_worker_processes(tmp_path, tokenizer):
+    """The real thing: DataLoader workers, 2 ranks, a bad sample counted in one worker."""
+    samples = image_samples(0, 22)
+    samples[5]["jpg"] = b"broken"
+    for shard in range(3):
+        write_tar(tmp_path / f"s-{shard}.tar", samples[shard * 8:(shard + 1) * 8])
+    cfg = data_config(str(tmp_path / "s-{0..2}.tar"), num_workers=2, drop_last=False)
+    seen, skips = [], collections.Counter()
+    for rank in range(2):
+        loader = build_loader(cfg, tokenizer, rank=rank, world_size=2)
+        seen.extend(keys_of(loader))
+        skips.update(loader.skip_counts())
+    assert sorted(seen) == [k for k in _all_keys(22) if k != "000005"]
+    assert skips["corrupt_image"] == 1 and sum(skips.values()) == 1
+
+
+# Resampling ------------------------------------------------------------------------------------
+
+def test_resampled_epoch_length_and_source_weights(tmp_path, tokenizer):
+    a = write_shards(tmp_path / "a", [4, 4])
+    b_samples = image_samples(1000, 8)
+    write_tar(tmp_path / "b.tar", b_samples)
+    cfg = data_config(None, sources=[{"urls": a, "weight": 3.0}, {"urls": str(tmp_path / "b.tar"), "weight": 1.0}],
+                      resampled=True, samples_per_epoch=200, shuffle_buffer=0, num_workers=2)
+    loader = build_loader(cfg, tokenizer, world_size=2)
+    # open_clip's rounding: ceil(200 / (4 * 2)) = 25 batches, ceil(25 / 2) = 13 per worker.
+    assert loader.num_batches == 26
+    keys = [k for w in range(2) for k in _slot_keys(loader._dataset, 0, w, 2)]
+    assert len(keys) == 26 * 4
+    from_b = sum(k >= "001000" for k in keys) / len(keys)
+    assert 0.1 < from_b < 0.45  # weight 1 of 4, drawn per shard
+
+
+# Position and resume -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_after", [1, 3, 5])
+def test_resume_continues_exactly_in_process(tmp_path, tokenizer, stop_after):
+    pattern = write_shards(tmp_path, [7, 5, 6, 4])
+    cfg = data_config(pattern, drop_last=False)
+    full = [b["__key__"] for b in build_loader(cfg, tokenizer, epoch=2)]
+    loader = build_loader(cfg, tokenizer, epoch=2)
+    head = []
+    for batch in loader:
+        head.append(batch["__key__"])
+        if len(head) == stop_after:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint stores
+    resumed = build_loader(cfg, tokenizer)  # built for epoch 0: the state sets the epoch
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 2
+    tail = [b["__key__"] for b in resumed]
+    assert head + tail == full
+    assert resumed.epoch == 3 and resumed.state_dict()["workers"][0]["drawn"] == 0
+
+
+def test_resume_with_worker_processes_and_skips(tmp_path, tokenizer):
+    samples = image_samples(0, 30)
+    samples[2]["jpg"] = samples[17]["jpg"] = b"broken"
+    for shard in range(4):
+        write_tar(tmp_path / f"s-{shard}.tar", samples[shard * 8:(shard + 1) * 8])
+    cfg = data_config(str(tmp_path / "s-{0..3}.tar"), num_workers=2, drop_last=False)
+    loader = build_loader(cfg, tokenizer)
+    head = []
+    for batch in loader:
+        head.extend(batch["__key__"])
+        if len(head) >= 12:
+            break
+    state = loader.state_dict()
+    resumed = build_loader(cfg, tokenizer)
+    resumed.load_state_dict(state)
+    tail = keys_of(resumed)
+    assert sorted(head + tail) == [k for k in _all_keys(30) if k not in ("000002", "000017")]
+    assert resumed.skip_counts()["corrupt_image"] == 2  # counted once, across the resume
+
+
+def test_leaving_a_loop_early_and_iterating_again_continues(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [6, 6])
+    cfg = data_config(pattern, drop_last=False)
+    loader = build_loader(cfg, tokenizer)
+    first = next(iter(loader))["__key__"]
+    rest = keys_of(loader)
+    assert sorted(first + rest) == _all_keys(12)
+    assert loader.epoch == 1
+    second_epoch = keys_of(loader)
+    assert sorted(second_epoch) == _all_keys(12) and second_epoch != first + rest
+    loader.set_epoch(1)
+    assert keys_of(loader) == second_epoch
+
+
+def test_resampled_resume(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [5, 5, 5])
+    cfg = data_config(pattern, resampled=True, samples_per_epoch=40)
+    full = keys_of(build_loader(cfg, tokenizer))
+    assert len(full) == 40
+    loader = build_loader(cfg, tokenizer)
+    it = iter(loader)
+    head = next(it)["__key__"] + next(it)["__key__"]
+    resumed = build_loader(cfg, tokenizer)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + keys_of(resumed) == full
+
+
+def test_state_from_another_layout_is_rejected(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [6, 6])
+    loader = build_loader(data_config(pattern), tokenizer)
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="num_workers: saved 1, now 2"):
+        build_loader(data_config(pattern, num_workers=2), tokenizer).load_state_dict(state)
+    with pytest.raises(DataError, match="seed"):
+        build_loader(data_config(pattern, seed=3), tokenizer).load_state_dict(state)
+    with pytest.raises(DataError, match="shards_sha1"):
+        build_loader(data_config(pattern.replace("{0000..0001}", "0000")), tokenizer).load_state_dict(state)
+    with pytest.raises(DataError, match="not a data loader state"):
+        loader.load_state_dict({"epoch": 0})
+
+
+def test_shuffle_buffer_mixes_across_shards(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [10, 10])
+    keys = keys_of(build_loader(data_config(pattern, shuffle_buffer=16, shard_shuffle=False, drop_last=False),
+                                tokenizer))
+    first_half = keys[:10]
+    assert any(k >= "000010" for k in first_half) and sorted(keys) == _all_keys(20)
+    keys = keys_of(build_loader(data_config(pattern, shuffle_buffer=0, shard_shuffle=False, drop_last=False),
+                                tokenizer))
+    assert keys == _all_keys(20)
+
+
+def test_rank_out_of_range(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="rank 2"):
+        build_loader(data_config(write_shards(tmp_path, [2])), tokenizer, rank=2, world_size=2)
+
+
+def test_waveforms_differ_per_sample_and_are_finite(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [4], make=audio_samples)
+    cfg = data_config(pattern, modality="audio")
+    batch = next(iter(build_loader(cfg, tokenizer, train=False)))
+    features = batch["input_features"]
+    assert torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
+    # the 0.3 s clips are longer than 0.25 s: no padding, so no -100 dB floor frames at the end
+    assert features[:, :, -1].max() > -60
+    np.testing.assert_array_less(-100.01, features.numpy())
+    assert os.path.exists(tmp_path / "sizes.json")
+
+
+def test_persistent_workers_follow_the_epoch(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [6, 6, 6, 6])
+    cfg = data_config(pattern, num_workers=2, drop_last=False)
+    loader = build_loader(cfg, tokenizer)
+    epoch0, epoch1 = keys_of(loader), keys_of(loader)
+    assert loader._loader is not None and loader._loader.persistent_workers
+    assert sorted(epoch0) == sorted(epoch1) == _all_keys(24) and epoch0 != epoch1
+    for worker in range(2):  # the second pass used epoch 1's plan in the same worker processes
+        planned = _slot_keys(loader._dataset, 1, worker, 2)
+        assert [k for k in epoch1 if k in planned] == planned
+
+
+def test_resume_after_one_worker_finished(tmp_path, tokenizer):
+    write_tar(tmp_path / "s-0.tar", image_samples(0, 8))
+    write_tar(tmp_path / "s-1.tar", image_samples(8, 2))
+    cfg = data_config(str(tmp_path / "s-{0..1}.tar"), num_workers=2, batch_size=2, drop_last=False,
+                      shard_shuffle=False, shuffle_buffer=0)
+    loader = build_loader(cfg, tokenizer)
+    head = []
+    for batch in loader:
+        head.extend(batch["__key__"])
+        if len(head) == 8:  # worker 1 (1 batch) has ended by now; worker 0 has 1 batch to go
+            break
+    state = loader.state_dict()
+    assert [w["done"] for w in state["workers"]] == [False, True]
+    assert [w["batches"] for w in state["workers"]] == [3, 1]
+    resumed = build_loader(cfg, tokenizer)
+    resumed.load_state_dict(state)
+    assert head == ["000000", "000001", "000008", "000009", "000002", "000003", "000004", "000005"]
+    assert keys_of(resumed) == ["000006", "000007"]

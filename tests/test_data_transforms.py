@@ -1,0 +1,207 @@
+"""Image and audio preprocessing against plain references (Pillow, numpy, HF feature extractors)."""
+import io
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+import torch
+from PIL import Image
+
+from data_fixtures import audio_bytes, image_bytes
+from xfast.config import parse
+from xfast.data.audio import AudioTransform, LogMel, mel_filterbank, pad_or_trim
+from xfast.data.config import AudioConfig, ImageConfig
+from xfast.data.image import ImageNormalizer, ImageTransform, random_crop_box
+from xfast.data.skips import SampleSkipped
+
+
+# Audio ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale, norm", [("htk", None), ("slaney", "slaney"), ("slaney", None)])
+def test_mel_filterbank_matches_transformers(scale, norm):
+    from transformers.audio_utils import mel_filter_bank
+
+    ref = mel_filter_bank(num_frequency_bins=513, num_mel_filters=64, min_frequency=50, max_frequency=14000,
+                          sampling_rate=48000, norm=norm, mel_scale=scale)
+    mine = mel_filterbank(48000, 1024, 64, 50.0, 14000.0, scale, norm or "none")
+    assert mine.shape == (513, 64) and mine.dtype == torch.float32
+    np.testing.assert_allclose(mine.numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_laion_clap_preset_matches_clap_feature_extractor():
+    """The whole rand_trunc path of HF's ClapFeatureExtractor (LAION-CLAP's numbers, fmin 50)."""
+    from transformers import ClapFeatureExtractor
+
+    cfg = parse(AudioConfig, {}, "audio")
+    rng = np.random.default_rng(0)
+    clip = (0.3 * np.sin(np.arange(3 * 48000) * 0.05) + 0.05 * rng.standard_normal(3 * 48000)).astype(np.float32)
+    extractor = ClapFeatureExtractor(frequency_min=50, truncation="rand_trunc", padding="repeatpad")
+    ref = extractor(clip, sampling_rate=48000, return_tensors="np")["input_features"]  # [1, 1, 1001, 64]
+    wave = pad_or_trim(clip, cfg.num_samples, cfg.padding)
+    mine = LogMel(cfg)(torch.from_numpy(wave)[None])
+    assert mine.shape == (1, 1, cfg.num_frames, 64) == (1, 1, 1001, 64)
+    np.testing.assert_allclose(mine[0].numpy(), ref[0], atol=2e-3)
+
+
+def test_logmel_batch_equals_per_sample_numpy_reference():
+    cfg = parse(AudioConfig, {"sample_rate": 16000, "duration_s": 0.5, "n_fft": 256, "hop_length": 100,
+                              "n_mels": 20, "fmin": 0.0, "fmax": 8000.0, "mel_scale": "htk", "mel_norm": "none"},
+                "audio")
+    waves = torch.randn(3, cfg.num_samples)
+    out = LogMel(cfg)(waves)
+    assert out.shape == (3, 1, cfg.num_frames, 20)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(256) / 256)  # periodic Hann
+    fb = mel_filterbank(16000, 256, 20, 0.0, 8000.0, "htk", "none").double().numpy()
+    for b in range(3):
+        padded = np.pad(waves[b].double().numpy(), 128, mode="reflect")
+        frames = np.stack([padded[i * 100:i * 100 + 256] * window for i in range(cfg.num_frames)])
+        power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+        ref = 10 * np.log10(np.maximum(power @ fb, 1e-10))
+        np.testing.assert_allclose(out[b, 0].numpy(), ref, atol=1e-3)
+
+
+def test_pad_or_trim():
+    wave = np.arange(1, 4, dtype=np.float32)
+    np.testing.assert_array_equal(pad_or_trim(wave, 8, "repeatpad"), [1, 2, 3, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(pad_or_trim(wave, 5, "pad"), [1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(pad_or_trim(wave, 2, "repeatpad"), [1, 2])
+
+
+def _audio_cfg(**kw):
+    raw = {"sample_rate": 16000, "duration_s": 0.25, "n_fft": 256, "hop_length": 128, "n_mels": 16,
+           "fmin": 0.0, "fmax": 8000.0, **kw}
+    return parse(AudioConfig, raw, "audio")
+
+
+@pytest.mark.parametrize("fmt", ["FLAC", "WAV", "OGG", "MP3"])
+def test_audio_decodes_every_format_to_fixed_length_mono(fmt):
+    cfg = _audio_cfg()
+    out = AudioTransform(cfg, train=False)(audio_bytes(0.5, 16000, fmt, channels=2))
+    assert out.shape == (cfg.num_samples,) and out.dtype == np.float32
+    ref = audio_bytes(0.5, 16000, "WAV", channels=2)
+    ref_wave = soundfile.read(io.BytesIO(ref), dtype="float32")[0].mean(1)[: cfg.num_samples]
+    if fmt in ("FLAC", "WAV"):  # lossless: equals channel mean of the first 0.25 s
+        np.testing.assert_allclose(out, ref_wave, atol=1e-4)
+    else:  # lossy: same signal, up to codec error
+        assert np.corrcoef(out[1000:3000], ref_wave[1000:3000])[0, 1] > 0.9
+    # training crops of a longer file seek into it
+    long_clip = audio_bytes(2.0, 16000, fmt, channels=2)
+    crop = AudioTransform(cfg, train=True)(long_clip, np.random.default_rng(3))
+    assert crop.shape == (cfg.num_samples,) and np.abs(crop).max() > 0.1
+
+
+def test_audio_resamples_to_model_rate():
+    cfg = _audio_cfg()
+    data = audio_bytes(0.3, 44100, "FLAC")
+    out = AudioTransform(cfg, train=False)(data)
+    source = soundfile.read(io.BytesIO(data), dtype="float32")[0]
+    ref = soxr.resample(source, 44100, 16000)[: cfg.num_samples]
+    # Cropping before resampling changes only the filter's edge at the crop end.
+    np.testing.assert_allclose(out[:3000], ref[:3000], atol=2e-3)
+
+
+def test_audio_train_crop_is_random_and_seeded_eval_takes_start():
+    cfg = _audio_cfg()
+    data = audio_bytes(2.0, 16000, "FLAC")
+    full = soundfile.read(io.BytesIO(data), dtype="float32")[0]
+    train = AudioTransform(cfg, train=True)
+    a = train(data, np.random.default_rng(1))
+    b = train(data, np.random.default_rng(1))
+    c = train(data, np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    start = int(np.argmin([np.abs(full[s:s + len(a)] - a).max() for s in range(len(full) - len(a) + 1)]))
+    np.testing.assert_allclose(full[start:start + len(a)], a, atol=1e-6)  # a contiguous crop of the clip
+    np.testing.assert_allclose(AudioTransform(cfg, train=False)(data), full[: cfg.num_samples], atol=1e-6)
+
+
+@pytest.mark.parametrize("data", [b"", b"not audio at all" * 10, audio_bytes(0.5, 16000, "FLAC")[:200]])
+def test_corrupt_audio_raises_sample_skipped(data):
+    with pytest.raises(SampleSkipped) as info:
+        AudioTransform(_audio_cfg(), train=False)(data)
+    assert info.value.kind == "corrupt_audio"
+
+
+# Images ---------------------------------------------------------------------------------------
+
+def _image_cfg(**kw):
+    return parse(ImageConfig, {"size": 32, "jpeg_draft": False, **kw}, "image")
+
+
+@pytest.mark.parametrize("width, height", [(80, 50), (50, 80), (64, 64), (20, 13)])
+def test_eval_transform_equals_resize_then_center_crop(width, height):
+    cfg = _image_cfg()
+    data = image_bytes(width, height, fmt="PNG")
+    out = ImageTransform(cfg, train=False)(data)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # Plain reference: resize the shorter side to 32 (bicubic), then crop the centre.
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = 32 / min(width, height)
+    new = (max(32, round(width * scale)), max(32, round(height * scale)))
+    resized = np.asarray(image.resize(new, Image.Resampling.BICUBIC), dtype=np.float64)
+    top, left = (new[1] - 32) // 2, (new[0] - 32) // 2
+    ref = resized[top:top + 32, left:left + 32]
+    # One-step crop+resize differs from two steps only by sub-pixel offsets at the crop edge.
+    assert np.abs(out[2:-2, 2:-2] - ref[2:-2, 2:-2]).mean() < 6.0
+
+
+def test_train_crop_is_seeded_and_within_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        left, top, right, bottom = random_crop_box(w, h, [0.08, 1.0], [3 / 4, 4 / 3], rng)
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    for _ in range(50):  # a square image always fits a sampled box: area and ratio in range (up to rounding)
+        left, top, right, bottom = random_crop_box(200, 200, [0.5, 0.8], [3 / 4, 4 / 3], rng)
+        area, ratio = (right - left) * (bottom - top) / 200 ** 2, (right - left) / (bottom - top)
+        assert 0.49 <= area <= 0.81 and 0.74 <= ratio <= 1.35
+    # No box of >= 90% area fits a 3:2 image with ratio <= 4/3: the fallback centre crop, clamped to 4/3.
+    assert random_crop_box(90, 60, [0.9, 1.0], [3 / 4, 4 / 3], rng) == (5, 0, 85, 60)
+    cfg = _image_cfg()
+    data = image_bytes(80, 72, fmt="PNG")
+    train = ImageTransform(cfg, train=True)
+    np.testing.assert_array_equal(train(data, np.random.default_rng(5)), train(data, np.random.default_rng(5)))
+    assert not np.array_equal(train(data, np.random.default_rng(5)), train(data, np.random.default_rng(6)))
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGBA"), ("PNG", "L"), ("PNG", "P"), ("WEBP", "RGB"),
+                                       ("JPEG", "CMYK")])
+def test_any_pillow_mode_becomes_rgb(fmt, mode):
+    out = ImageTransform(_image_cfg(), train=False)(image_bytes(40, 30, fmt=fmt, mode=mode))
+    assert out.shape == (32, 32, 3)
+
+
+def test_jpeg_draft_stays_close_to_full_decode():
+    data = image_bytes(400, 300, fmt="JPEG")
+    full = ImageTransform(_image_cfg(), train=False)(data).astype(np.float64)
+    draft = ImageTransform(_image_cfg(jpeg_draft=True), train=False)(data).astype(np.float64)
+    assert np.abs(full - draft).mean() < 8.0
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff garbage", image_bytes(64, 64, fmt="JPEG")[:300]])
+def test_corrupt_image_raises_sample_skipped(data):
+    with pytest.raises(SampleSkipped) as info:
+        ImageTransform(_image_cfg(), train=False)(data)
+    assert info.value.kind == "corrupt_image"
+
+
+def test_normalizer_matches_formula():
+    cfg = parse(ImageConfig, {}, "image")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 4, 3), dtype=np.uint8)
+    out = ImageNormalizer(cfg)(pixels)
+    assert out.shape == (2, 3, 5, 4) and out.dtype == torch.float32
+    ref = (pixels.astype(np.float64) / 255 - np.array(cfg.mean)) / np.array(cfg.std)
+    np.testing.assert_allclose(out.numpy(), ref.transpose(0, 3, 1, 2), atol=1e-5)
+
+
+def test_logmel_chunks_long_batches_without_changing_results():
+    cfg = parse(AudioConfig, {}, "audio")
+    logmel = LogMel(cfg)
+    assert logmel.chunk == 2  # 10 s clips: the batch below is split into 3 STFT calls
+    waves = torch.randn(5, cfg.num_samples)
+    together = logmel(waves)
+    alone = torch.cat([logmel(waves[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone)
+    with pytest.raises(ValueError, match=r"expected waveforms \[batch, samples\]"):
+        logmel(waves[0])

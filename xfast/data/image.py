@@ -1,0 +1,103 @@
+"""Image decoding and CLIP-style preprocessing with Pillow and torch (no torchvision).
+
+Evaluation: resize the shorter side to `size`, centre crop `size` x `size`. Training: random
+resized crop (torchvision's sampling scheme: area fraction in `scale`, log-uniform aspect
+ratio in `ratio`, 10 tries, then a centre crop) resized to `size` x `size`. Both crop and
+resize happen in one Pillow `resize(box=...)` call. Normalisation is done per batch.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xfast.data.config import ImageConfig
+from xfast.data.skips import SampleSkipped
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The central square in source pixels: resizing it to `size` equals resize-shorter-side + centre crop."""
+    side = min(width, height)
+    left = (width - side) / 2
+    top = (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def random_crop_box(width: int, height: int, scale: list[float], ratio: list[float],
+                    rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop's box: area fraction in `scale`, log-uniform aspect ratio."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    # Fallback: the largest centre crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+class ImageTransform:
+    """bytes -> uint8 array [size, size, 3]; `rng` drives the training crop."""
+
+    def __init__(self, cfg: ImageConfig, train: bool):
+        self.cfg = cfg
+        self.train = train
+        self.filter = _FILTERS[cfg.interpolation]
+
+    def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
+        size = self.cfg.size
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                if self.cfg.jpeg_draft and image.format == "JPEG":
+                    # Decode at the smallest DCT scale whose crop still covers `size` pixels.
+                    need = size if not self.train else math.ceil(size / math.sqrt(self.cfg.train_crop_scale[0]))
+                    image.draft("RGB", (need, need))
+                image = image.convert("RGB")  # decodes; palette, alpha, CMYK, grey all end up RGB
+        except Exception as err:  # Pillow raises many types for broken files
+            raise SampleSkipped("corrupt_image", str(err)) from None
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise SampleSkipped("corrupt_image", f"empty image {width}x{height}")
+        if self.train:
+            box = random_crop_box(width, height, self.cfg.train_crop_scale, self.cfg.train_crop_ratio, rng)
+        else:
+            box = center_crop_box(width, height)
+        image = image.resize((size, size), self.filter, box=box)
+        return np.asarray(image, dtype=np.uint8)
+
+
+class ImageNormalizer:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with the configured mean/std."""
+
+    def __init__(self, cfg: ImageConfig):
+        std = torch.tensor(cfg.std, dtype=torch.float32)
+        mean = torch.tensor(cfg.mean, dtype=torch.float32)
+        # (x / 255 - mean) / std as one multiply-add.
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+        self.shift = (-mean / std).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+        return batch.mul_(self.scale).add_(self.shift).contiguous()
