@@ -16,7 +16,7 @@ TORCH := torch==2.13.0
 install: .venv/.installed
 
 demo: install
-	$(PY) benchmarks/bench_losses.py --quick
+	$(PY) -m xfast.training.demo
 
 test: install
 	$(PY) -m pytest -q

@@ -23,10 +23,19 @@ keeps the rows of its own samples. DeepSpeed averages gradients over ranks, so p
 surrogates are multiplied by the world size; tensors shared by all samples (the logit scale)
 get the same gradient on every rank and are not.
 
+A single micro-batch needs no cache: it is one ordinary forward/backward, with the other
+ranks' features gathered as constants around this rank's rows (whose gradient is scaled by the
+world size for the same reason).
+
 The module that the engine wraps must return `(per_sample, shared)` from `forward(batch)`:
-two dicts of tensors, per_sample ones [b, ...] over the micro-batch, shared ones (e.g. the
-logit scale) without a batch dimension. Shared tensors must be computed inside forward (not
-a raw parameter returned as-is, which ZeRO-3 repartitions on exit).
+two dicts of tensors, per_sample ones [rows, ...] (rows may differ between keys, e.g. captions
+and an extra sentence stream), shared ones (e.g. the logit scale) used whole. Shared tensors
+must be computed inside forward (not a raw parameter returned as-is, which ZeRO-3 repartitions
+on exit).
+
+Every rank computes the whole-batch loss on all gathered features: O(N^2 d) work per rank for a
+global batch of N. The fused losses keep memory O(N d); splitting that work over ranks is what
+xfast.distributed's losses do, and is not wired in here yet.
 """
 from __future__ import annotations
 
@@ -63,24 +72,64 @@ def _gather_rows(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def _check_features(per_sample: Features, shared: Features, batch: int, index: int):
+def _check_features(per_sample: Features, shared: Features, keys, index: int):
     if not per_sample:
         raise ValueError("the model returned no per-sample features")
+    if keys is not None and set(per_sample) != set(keys):
+        raise ValueError(f"micro-batch {index} has features {sorted(per_sample)}, micro-batch 0 had {sorted(keys)}")
     for name, value in per_sample.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"micro-batch {index}: feature {name!r} must be [{batch}, ...], got {shape}")
+            raise ValueError(f"micro-batch {index}: feature {name!r} must be a [rows, ...] tensor, got {shape}")
     for name, value in shared.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"shared output {name!r} must be a tensor, got {type(value).__name__}")
 
 
-def batch_size_of(batch: dict) -> int:
-    """Number of samples in a batch dict (length of its first tensor or list)."""
-    for value in batch.values():
-        if isinstance(value, (torch.Tensor, list)):
-            return len(value)
-    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}")
+def _rows_per_rank(features: Features, world: int) -> dict[str, list[int]]:
+    """{key: [rows on rank 0, rows on rank 1, ...]}."""
+    device = next(iter(features.values())).device  # NCCL only moves accelerator tensors
+    local_rows = torch.tensor([v.shape[0] for v in features.values()], dtype=torch.long, device=device)
+    if world > 1:
+        gathered = [torch.zeros_like(local_rows) for _ in range(world)]
+        dist.all_gather(gathered, local_rows)
+        rows = torch.stack(gathered)  # [world, keys]
+    else:
+        rows = local_rows[None]
+    return {k: [int(n) for n in rows[:, i]] for i, k in enumerate(features)}
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `factor` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _single_pass_step(engine, batch: dict, loss_fn: LossFn, world: int, rank: int):
+    """One micro-batch: a plain forward/backward (nothing to cache), with the features of the
+    other ranks gathered as constants around this rank's own rows."""
+    per_sample, shared = engine(batch)
+    _check_features(per_sample, shared, None, 0)
+    features = per_sample
+    if world > 1:
+        sizes = _rows_per_rank(per_sample, world)
+        features = {}
+        for key, value in per_sample.items():
+            everyone = _gather_rows(value.detach(), sizes[key])
+            start, end = sum(sizes[key][:rank]), sum(sizes[key][:rank + 1])
+            # x world: DeepSpeed averages over ranks, and only this rank sees its rows' gradient.
+            features[key] = torch.cat([everyone[:start], _ScaleGrad.apply(value, float(world)), everyone[end:]])
+    loss, parts = loss_fn(features, shared)
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+    return loss.detach(), {k: v.detach() for k, v in parts.items()}, {k: v.detach() for k, v in shared.items()}
 
 
 def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
@@ -90,12 +139,14 @@ def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
     and step()) whose module returns (per_sample, shared) feature dicts. loss_fn maps the
     whole-batch (per_sample, shared) dicts to (loss, parts). Calls engine.step() once per
     micro-batch as DeepSpeed expects; the optimizer steps at the last one. Returns the
-    detached (loss, parts) of the whole batch.
+    detached (loss, parts, shared) of the whole batch (shared as the loss saw them).
     """
     if not micro_batches:
         raise ValueError("whole_batch_step needs at least one micro-batch")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
+    if len(micro_batches) == 1:
+        return _single_pass_step(engine, micro_batches[0], loss_fn, world, rank)
 
     # Pass 1: features without autograd.
     snapshots, cached, shared0 = [], [], None
@@ -103,48 +154,45 @@ def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
         snapshots.append(_RngSnapshot())
         with torch.no_grad():
             per_sample, shared = engine(batch)
-        _check_features(per_sample, shared, batch_size_of(batch), index)
+        _check_features(per_sample, shared, cached[0] if cached else None, index)
         cached.append(per_sample)
         if shared0 is None:
             shared0 = shared
     after_pass1 = _RngSnapshot()
 
-    # Whole-batch loss on leaf copies of the features of every rank.
-    local = {k: torch.cat([c[k] for c in cached]) for k in cached[0]}
-    local_n = next(iter(local.values())).shape[0]
-    sizes = [local_n] * world
-    if world > 1:
-        counts = torch.tensor([local_n], dtype=torch.long)
-        gathered = [torch.zeros_like(counts) for _ in range(world)]
-        dist.all_gather(gathered, counts)
-        sizes = [int(c) for c in gathered]
-    leaves = {k: _gather_rows(v.detach(), sizes).requires_grad_(True) for k, v in local.items()}
+    # Whole-batch loss on leaf copies of the features of every rank. Each feature key has its
+    # own row count (e.g. captions vs an extra sentence stream); rows are laid out rank-major.
+    keys = list(cached[0])
+    local = {k: torch.cat([c[k] for c in cached]) for k in keys}
+    sizes = _rows_per_rank(local, world)
+    leaves = {k: _gather_rows(local[k].detach(), sizes[k]).requires_grad_(True) for k in keys}
     shared_leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point())
                      for k, v in shared0.items()}
     with torch.enable_grad():
         loss, parts = loss_fn(leaves, shared_leaves)
         inputs = list(leaves.values()) + [v for v in shared_leaves.values() if v.requires_grad]
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    names = list(leaves) + [k for k, v in shared_leaves.items() if v.requires_grad]
+    names = keys + [k for k, v in shared_leaves.items() if v.requires_grad]
     grad_of = {k: g for k, g in zip(names, grads) if g is not None}
 
     # Pass 2: replay each micro-batch with autograd and push the cached gradients through it.
-    offset = sum(sizes[:rank])
+    offset = {k: sum(sizes[k][:rank]) for k in keys}
     for index, batch in enumerate(micro_batches):
         snapshots[index].restore()
         per_sample, shared = engine(batch)
-        n = batch_size_of(batch)
-        terms = [(value.float() * grad_of[key][offset:offset + n].float()).sum() * world
-                 for key, value in per_sample.items() if key in grad_of]
+        terms = []
+        for key, value in per_sample.items():
+            n = value.shape[0]
+            if key in grad_of:
+                terms.append((value.float() * grad_of[key][offset[key]:offset[key] + n].float()).sum() * world)
+            offset[key] += n
         if index == 0:
             terms += [(value.float() * grad_of[key].float()).sum()
                       for key, value in shared.items() if key in grad_of]
         if not terms:
             raise ValueError("the loss does not depend on any model output")
-        surrogate = torch.stack(terms).sum()
-        offset += n
-        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.backward(torch.stack(terms).sum(), scale_wrt_gas=False)
         engine.step()
     # Leave the RNG where an uninterrupted pass 1 left it, so the stream does not depend on replay.
     after_pass1.restore()
-    return loss.detach(), {k: v.detach() for k, v in parts.items()}
+    return loss.detach(), {k: v.detach() for k, v in parts.items()}, {k: v.detach() for k, v in shared0.items()}

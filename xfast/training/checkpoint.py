@@ -145,8 +145,8 @@ class CheckpointManager:
         if tag is None:
             raise FileNotFoundError(f"no checkpoint in {self.root}")
         folder = self.root / tag
-        if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+        if any(folder.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3, fp32 or bf16
             state = get_fp32_state_dict_from_zero_checkpoint(str(self.root), tag=tag)
-        else:  # ZeRO stage 0: the module's state dict is stored whole
+        else:  # ZeRO stage 0 (fp32 only, see DeepSpeedSection): the module's state dict is stored whole
             state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

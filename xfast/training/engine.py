@@ -38,6 +38,12 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the accelerator under NCCL, the CPU under gloo."""
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
 def _true_shape(param: nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the real shape in ds_shape
 

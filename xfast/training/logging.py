@@ -30,6 +30,10 @@ class TrainLogger:
         self._samples = 0
         self._data_wait = 0.0
 
+    def start_window(self) -> None:
+        """Measure throughput from now on (e.g. after an evaluation or a resume)."""
+        self._mark, self._samples, self._data_wait = time.perf_counter(), 0, 0.0
+
     def count(self, samples: int, data_wait: float) -> None:
         """Record one step's samples (all ranks) and seconds spent waiting for data."""
         self._samples += samples
@@ -54,13 +58,22 @@ class TrainLogger:
         if skipped:
             shown["skip"] = sum(skipped.values())
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
+        self._record(step, row)
+        return row
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Scalars that are not training progress (e.g. evaluation) at `step`."""
+        if self.enabled:
+            self._record(step, {"step": step, **metrics})
+
+    def _record(self, step: int, row: dict) -> None:
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step":
                     self.writer.add_scalar(key, value, step)
+            self.writer.flush()
         with open(self.history_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        return row
 
     def write(self, message: str) -> None:
         if self.enabled:

@@ -1,0 +1,234 @@
+"""Train a CLIP/CLAP-style model with DeepSpeed ZeRO and WebDataset input.
+
+    deepspeed xfast/train.py --cfg clap.json                 # all local accelerators (or 1 CPU rank)
+    deepspeed --num_gpus 2 xfast/train.py --cfg demo_clip_tiny
+    torchrun --nproc_per_node 2 xfast/train.py --cfg clip.json --set train.lr=1e-4
+    python -m xfast.train --cfg my_run.json                   # one process
+    python -m xfast.train --cfg demo_clap_tiny --cfg study/clap_none   # layered configs
+
+Built-in configs: clip, clap (full size; paths from $XFAST_TRAIN_SHARDS, $XFAST_EVAL_SHARDS,
+$XFAST_TOKENIZER / $XFAST_TEXT_ENCODER), demo_clip_tiny, demo_clap_tiny (the demo dataset at
+$XFAST_DEMO_DATA, default ~/.cache/xfast/demo-data) and the study grid study/* (model and
+objective sections only: layer them over a config with data). Strings in a config may use $VAR
+and ~.
+
+Everything a run does comes from one JSON config (`--help-config` lists every key); it is
+validated before any work starts and saved as OUTPUT/config.json. Running the same command
+again resumes from OUTPUT/checkpoints/latest: weights, optimizer, scheduler, RNG and the exact
+data position.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`deepspeed xfast/train.py`): Python put xfast/ itself on sys.path, where
+    # xfast's own modules (config, data, models, ...) would shadow top-level ones of that name.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch
+import torch.distributed as dist
+
+from xfast.config import ConfigError, to_dict
+from xfast.training.config import (TrainConfig, builtin_configs, check_data_fits_model, describe_config,
+                                   load_config, save_config)
+from xfast.training.engine import comm_device
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="xfast train", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+    parser.add_argument("--cfg", metavar="NAME|PATH", action="append",
+                        help="run config: a JSON file or a built-in name (--list-configs); repeat it to layer "
+                             "files, later ones overriding earlier ones key by key (e.g. --cfg demo_clap_tiny "
+                             "--cfg study/clap_none)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override one config key, e.g. --set train.lr=1e-4 --set deepspeed.zero_stage=3 "
+                             "(VALUE is parsed as JSON when it can be, else taken as a string); repeatable")
+    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with type, default, help")
+    parser.add_argument("--list-configs", action="store_true", help="list the built-in configs")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
+    args = parser.parse_args(argv)
+    if not (args.cfg or args.help_config or args.list_configs):
+        parser.error("--cfg is required (a JSON file or a built-in name; see --list-configs)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        for key, kind, default, text in describe_config():
+            print(f"{key}\n    {kind} = {default}\n    {text}".rstrip())
+        return 0
+    if args.list_configs:
+        print("\n".join(builtin_configs()))
+        return 0
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+    except ConfigError as err:
+        print(f"xfast train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    try:
+        return train(cfg)
+    except ConfigError as err:  # found once the model is built (data vs model sizes)
+        print(f"xfast train: config error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(cfg: TrainConfig) -> int:
+    from xfast.models import Objective, build_model
+    from xfast.training.accumulation import whole_batch_step
+    from xfast.training.checkpoint import CheckpointManager
+    from xfast.training.engine import build_engine, deepspeed_config, init_distributed
+    from xfast.training.evaluation import run_evaluation
+    from xfast.training.logging import TrainLogger
+    from xfast.training.streams import EndlessStream, Streams
+    from xfast.training.task import ContrastiveTask
+
+    rank, world = init_distributed()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one machine share its cores (the deepspeed launcher leaves this to the user
+        # unless --bind_cores_to_rank; torchrun sets OMP_NUM_THREADS=1): oversubscribing them
+        # makes every rank slower.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    output = Path(cfg.output_dir)
+    checkpoints = CheckpointManager(output / "checkpoints", cfg.checkpoint.keep_last, rank, world)
+    if cfg.checkpoint.resume == "never" and checkpoints.tags():
+        raise SystemExit(f"xfast train: {checkpoints.root} already holds checkpoints and checkpoint.resume is "
+                         f"'never': choose another output_dir or delete them")
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output / "config.json")
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg.model)
+    if model.tokenizer is None:
+        raise ConfigError("model.text.tokenizer: the text tower needs a tokenizer folder")
+    check_data_fits_model(cfg, model.data_requirements())
+    objective = Objective(cfg.objective)
+    task = ContrastiveTask(model, objective)
+    t = cfg.train
+    engine = build_engine(
+        task, ds_config=deepspeed_config(
+            micro_batch_size=cfg.data.batch_size, accumulation_steps=cfg.deepspeed.accumulation_steps,
+            world_size=world, zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
+            gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra),
+        lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
+        tower_lr={f"model.{k}": v for k, v in t.tower_lr.items()}, warmup_steps=t.warmup_steps,
+        total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
+    if cfg.deepspeed.zero_stage == 3:
+        task.register_zero3_external_parameters()
+    _write_run_info(engine, cfg, output, rank, world)
+    torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout masks differ between ranks
+
+    named = {"pairs": cfg.data, "sentences": cfg.sentence_data, "nli": cfg.nli_data}
+    streams = Streams({name: EndlessStream(name, c, model.tokenizer, rank=rank, world_size=world)
+                       for name, c in named.items() if c is not None})
+    step = 0
+    state = checkpoints.load(engine) if cfg.checkpoint.resume == "auto" else None
+    if state is not None:
+        step = state["step"]
+        streams.load_state_dict(state["data"])
+    logger = TrainLogger(output, total_steps=t.steps, start_step=step, enabled=rank == 0,
+                         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    if state is not None:
+        logger.write(f"resumed from {checkpoints.root / checkpoints.latest_tag()} at step {step}")
+
+    def evaluate(at_step: int) -> None:
+        metrics = run_evaluation(engine, cfg, rank)
+        if metrics:
+            logger.write(f"eval @ step {at_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+            logger.log_metrics(at_step, {f"eval/{k}": v for k, v in metrics.items()})
+
+    def save(at_step: int) -> None:
+        checkpoints.save(engine, at_step, {"data": streams.state_dict()})
+
+    if cfg.eval.before_training and step == 0:
+        evaluate(0)
+    streams.take_wait()
+    logger.start_window()
+    while step < t.steps:
+        plan = objective.plan(step)
+        names = [n for n, wanted in (("pairs", plan.cross_modal or plan.captions), ("sentences", plan.sentences),
+                                     ("nli", plan.nli)) if wanted]
+        micro = [dict(streams.draw(names), step=step) for _ in range(cfg.deepspeed.accumulation_steps)]
+        loss, parts, shared = whole_batch_step(engine, micro, lambda f, s: task.loss(f, s, step))
+        step += 1
+        samples = sum(len(m[names[0]]["input_ids" if names[0] != "nli" else "anchor_input_ids"]) for m in micro)
+        logger.count(samples * world, streams.take_wait())
+        if step % cfg.logging.every_steps == 0 or step == t.steps:
+            scalars = {"loss": float(loss), "logit_scale": float(shared["logit_scale"].reshape(-1)[0]),
+                       "lr": engine.get_lr()[0], **{f"loss/{k}": float(v) for k, v in parts.items()}}
+            logger.log(step, scalars, skipped=_sum_over_ranks(streams.skip_counts()))
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < t.steps:
+            save(step)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.steps:
+            evaluate(step)
+            logger.start_window()
+    save(step)
+    evaluate(step)
+    skipped = _sum_over_ranks(streams.skip_counts())
+    logger.write("skipped data: " + (", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"))
+    if cfg.checkpoint.export_fp32:
+        if rank == 0:
+            _export(cfg, checkpoints, output / "final")
+            logger.write(f"fp32 weights: {output / 'final'}")
+        dist.barrier()
+    logger.close()
+    return 0
+
+
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    kinds = sorted(counts)
+    totals = torch.tensor([counts[k] for k in kinds], dtype=torch.long, device=comm_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return dict(zip(kinds, totals.cpu().tolist()))
+
+
+def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: int) -> None:
+    """OUTPUT/run_info.json: world size, ZeRO stage and the parameter elements each rank holds
+    (under ZeRO-3 each rank keeps only its partition, ds_tensor, of every parameter)."""
+    params = list(engine.module.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    held = torch.tensor([local], dtype=torch.long, device=comm_device())
+    if world > 1:
+        gathered = [torch.zeros_like(held) for _ in range(world)]
+        dist.all_gather(gathered, held)
+        held = torch.cat(gathered)
+    if rank == 0:
+        info = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "parameters": total,
+                "parameters_held_per_rank": held.cpu().tolist()}
+        (output / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _export(cfg: TrainConfig, checkpoints, out_dir: Path) -> None:
+    """Consolidated fp32 weights of the latest checkpoint, in the models' save_pretrained format."""
+    from xfast.models import build_model
+
+    state = checkpoints.fp32_state_dict()
+    prefix = "model."
+    model = build_model(cfg.model)
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    model.save_pretrained(str(out_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

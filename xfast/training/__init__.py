@@ -1,0 +1,12 @@
+"""The trainer's components (xfast/train.py wires them together).
+
+config        TrainConfig: the run's JSON schema, built-in configs, --set overrides
+engine        process group, DeepSpeed engine with torch AdamW, parameter groups, warmup+cosine
+task          the module DeepSpeed wraps: model features + objective
+accumulation  whole-batch (GradCache) gradient accumulation across micro-batches and ranks
+streams       endless data streams with data-wait timing, skip totals, resumable position
+checkpoint    atomic save, keep-K, resume, consolidated fp32 export
+evaluation    the periodic xfast.eval hook
+logging       progress bar, TensorBoard, metrics.jsonl
+demo_data     the procedural demo dataset; demo: the README's main job
+"""

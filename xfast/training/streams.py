@@ -1,0 +1,79 @@
+"""The training inputs: one endless iterator per data stream, with data-wait timing, skip totals
+over epochs, and a position that checkpoints save and resume restores."""
+from __future__ import annotations
+
+import time
+
+from xfast.data import build_loader
+from xfast.data.skips import empty_counts
+
+
+class EndlessStream:
+    """Batches of one StreamingLoader across epochs (the loader moves to the next epoch itself)."""
+
+    def __init__(self, name: str, cfg, tokenizer, *, rank: int, world_size: int):
+        self.name = name
+        self.loader = build_loader(cfg, tokenizer, rank=rank, world_size=world_size, train=True)
+        self.finished_skips = empty_counts()  # summed over the epochs already completed
+        self._iterator = None
+
+    def next(self) -> dict:
+        for attempt in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                for kind, count in self.loader.skip_counts().items():  # the epoch just finished
+                    self.finished_skips[kind] += count
+        raise RuntimeError(f"data stream {self.name!r} gave an empty epoch")
+
+    def skip_counts(self) -> dict[str, int]:
+        """Unusable samples/shards of this rank so far in the run."""
+        current = self.loader.skip_counts() if self._iterator is not None else empty_counts()
+        return {k: self.finished_skips[k] + current.get(k, 0) for k in self.finished_skips}
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "finished_skips": dict(self.finished_skips)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.finished_skips = {**empty_counts(), **state["finished_skips"]}
+        self._iterator = None
+
+
+class Streams:
+    """Named streams ("pairs", "sentences", "nli"); `draw` takes one batch from each one asked."""
+
+    def __init__(self, streams: dict[str, EndlessStream]):
+        self.streams = streams
+        self.wait_seconds = 0.0
+
+    def draw(self, names) -> dict:
+        start = time.perf_counter()
+        batch = {name: self.streams[name].next() for name in names}
+        self.wait_seconds += time.perf_counter() - start
+        return batch
+
+    def take_wait(self) -> float:
+        """Seconds spent waiting for data since the previous call."""
+        wait, self.wait_seconds = self.wait_seconds, 0.0
+        return wait
+
+    def skip_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for stream in self.streams.values():
+            for kind, count in stream.skip_counts().items():
+                total[kind] = total.get(kind, 0) + count
+        return total
+
+    def state_dict(self) -> dict:
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.streams) - set(state)
+        if missing:
+            raise ValueError(f"the checkpoint has no data position for stream(s) {sorted(missing)}")
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state[name])
