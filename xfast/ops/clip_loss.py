@@ -9,7 +9,7 @@ from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similari
 
 
 def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing: float = 0.0,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", group=None, mode: str = "allgather", grad_reduction: str = "mean") -> torch.Tensor:
     """(CE(s X Y^T, I) + CE(s Y X^T, I)) / 2, averaged over the batch.
 
     x, y: [N, d] embeddings (normalised, as open_clip's ClipLoss takes them; any values work).
@@ -17,7 +17,15 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
     may require grad. label_smoothing as in torch.nn.functional.cross_entropy.
     backend: "auto" (triton on CUDA, cpu otherwise), "cpu", "triton" or "reference".
     Returns a 0-dim float32 tensor (float64 for float64 inputs).
+    group: a torch.distributed process group; each rank passes its slice of the global batch
+    and gets the loss of the whole batch. mode ("allgather" or "ring") and grad_reduction
+    ("mean": right under DDP/DeepSpeed gradient averaging, or "sum") apply only with a group;
+    see xfast/distributed/__init__.py.
     """
+    if group is not None:
+        from xfast import distributed
+        return distributed.clip_loss(x, y, logit_scale, label_smoothing=label_smoothing, backend=backend,
+                                     group=group, mode=mode, grad_reduction=grad_reduction)
     check_backend(backend)
     check_embeddings(("x", "y"), (x, y))
     logit_scale = check_positive_scalar("logit_scale", logit_scale, x.device)

@@ -10,7 +10,8 @@ from xfast.ops.similarity_lse import accumulation_dtype
 BACKENDS = ("auto", "reference")
 
 
-def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto", group=None,
+                grad_reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(in_modal, cross_modal) = ((1/N) sum_jk (<x_j,x_k> - <y_j,y_k>)^2,
                                   (1/N) sum_jk (<x_j,y_k> - <x_k,y_j>)^2).
 
@@ -19,7 +20,11 @@ def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
     so the cost is three N x d x d GEMMs and no N x N matrix exists. Those GEMMs are all the
     work there is, so both devices use BLAS/cuBLAS ("auto"); "reference" materialises N x N.
     Note: the CyCLIP paper scales these by its logit scale; multiply by lambda1/lambda2 outside.
+    group, grad_reduction: as in clip_loss; with a group the Grams are summed over ranks.
     """
+    if group is not None:
+        from xfast import distributed
+        return distributed.cyclip_loss(x, y, backend=backend, group=group, grad_reduction=grad_reduction)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} for cyclip_loss, got {backend!r}")
     check_embeddings(("x", "y"), (x, y))

@@ -10,14 +10,22 @@ from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similari
 
 
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor | None = None, *,
-                temperature=0.05, hard_negative_weight: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                temperature=0.05, hard_negative_weight: float = 0.0, backend: str = "auto", group=None,
+                mode: str = "allgather", grad_reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of cos(z1_i, .) / temperature against the columns [z2 | hard_negatives].
 
     Unsupervised SimCSE: z1, z2 are two dropout views of the same sentences. Supervised: z2
     are entailment positives and hard_negatives the contradictions; hard_negative_weight is
     added (as a log-weight) to the logit of each anchor's own hard negative, as in the
     SimCSE paper's code. temperature may be a tensor that requires grad.
+    group, mode, grad_reduction: as in clip_loss; with a group the columns are every rank's
+    [z2 | hard_negatives] (see xfast/distributed/__init__.py).
     """
+    if group is not None:
+        from xfast import distributed
+        return distributed.simcse_loss(z1, z2, hard_negatives, temperature=temperature,
+                                       hard_negative_weight=hard_negative_weight, backend=backend, group=group,
+                                       mode=mode, grad_reduction=grad_reduction)
     check_backend(backend)
     names, tensors = ("z1", "z2"), (z1, z2)
     if hard_negatives is not None:
