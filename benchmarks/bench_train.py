@@ -65,7 +65,7 @@ def _xfast_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int, zero_s
         warmup_steps=0, total_steps=1000, min_lr_ratio=0.0)
 
     def step(batch):
-        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "step": 0}], lambda f, s: task.loss(f, s, 0))
+        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "step": 0}], lambda f, s, group: task.loss(f, s, 0, group=group))
         return float(loss)
 
     parameters = sum(p.numel() for p in model.parameters())

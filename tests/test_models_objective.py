@@ -219,3 +219,66 @@ def test_nli_features_equal_per_part_embeddings(tok):
         for part in ("anchor", "positive", "negative"):
             expected = model.sentence_embedding(triplets[f"{part}_input_ids"], triplets[f"{part}_attention_mask"])
             torch.testing.assert_close(feats[f"nli_{part}"], expected, atol=1e-5, rtol=1e-5)
+
+
+GROUP_CONFIGS = [
+    {"contrastive_weight": 0.7, "label_smoothing": 0.1, "cyclip_lambda1": 0.25, "cyclip_lambda2": 0.5,
+     "simcse": {"mode": "unsup", "weight": 0.3, "temperature": 0.1, "source": "both", "embedding": "pooled"}},
+    {"simcse": {"mode": "sup", "hard_negative_weight": 0.5, "weight": 0.4}},
+]
+# Rows per rank of each feature stream: uneven across ranks, and different between streams.
+GROUP_ROWS = {"media": (4, 2), "text": (4, 2), "text_pooled": (4, 2), "text_view2": (4, 2), "sent_a": (5, 3),
+              "sent_b": (5, 3), "nli_anchor": (1, 4), "nli_positive": (1, 4), "nli_negative": (1, 4)}
+
+
+def group_inputs():
+    feats = {k: unit(sum(rows), 8, seed=i) for i, (k, rows) in enumerate(GROUP_ROWS.items())}
+    return feats, torch.tensor([11.0], dtype=torch.float64)
+
+
+def _objective_rank_worker(rank, store, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    feats, scale = group_inputs()
+    results = []
+    for raw in GROUP_CONFIGS:
+        local = {k: v.split(GROUP_ROWS[k])[rank].clone().requires_grad_() for k, v in feats.items()}
+        local_scale = scale.clone().requires_grad_()
+        total, parts = objective(raw)(local, local_scale, group=torch.distributed.group.WORLD)
+        grads = torch.autograd.grad(total, [*local.values(), local_scale], allow_unused=True)
+        results.append({"parts": {k: v.detach() for k, v in parts.items()},
+                        "grads": dict(zip([*local, "scale"], grads))})
+    torch.save(results, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_objective_over_a_group_equals_the_single_process_one(tmp_path):
+    """Two ranks with uneven rows (and streams of different lengths) give the global loss on every
+    rank, and gradients that average over ranks (DDP/DeepSpeed) to the single-process ones."""
+    out = str(tmp_path / "objective")
+    torch.multiprocessing.spawn(_objective_rank_worker, args=(str(tmp_path / "store"), out), nprocs=2)
+    per_rank = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    feats, scale = group_inputs()
+    for index, raw in enumerate(GROUP_CONFIGS):
+        leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+        ref_scale = scale.clone().requires_grad_()
+        total, parts = objective(raw)(leaves, ref_scale)
+        expected = dict(zip([*leaves, "scale"], torch.autograd.grad(total, [*leaves.values(), ref_scale],
+                                                                    allow_unused=True)))
+        for rank in range(2):
+            got = per_rank[rank][index]
+            assert set(got["parts"]) == set(parts)
+            for name, value in parts.items():
+                torch.testing.assert_close(got["parts"][name], value.detach(), msg=f"{index}: {name}")
+            for name, grad in expected.items():
+                if name == "scale" or grad is None:
+                    continue
+                # grad_reduction="mean": W times this rank's slice of the single-process gradient.
+                torch.testing.assert_close(got["grads"][name], 2 * grad.split(GROUP_ROWS[name])[rank],
+                                           msg=f"{index}: {name}")
+        if expected["scale"] is None:
+            assert all(per_rank[r][index]["grads"]["scale"] is None for r in range(2))
+        else:  # each rank holds W times its share: the average over ranks is the whole gradient
+            average = sum(per_rank[r][index]["grads"]["scale"] for r in range(2)) / 2
+            torch.testing.assert_close(average, expected["scale"])
+        unused = [k for k, g in expected.items() if g is None]
+        assert all(per_rank[r][index]["grads"][k] is None for r in range(2) for k in unused)

@@ -36,12 +36,19 @@ class TwoTowers(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
 
     def forward(self, batch):
-        return {"text": self.text(batch["x"]), "image": self.image(batch["y"])}, {"scale": self.logit_scale.exp()}
+        features = {"text": self.text(batch["x"]), "image": self.image(batch["y"])}
+        if "s1" in batch:  # an extra sentence stream (two views) with its own row count
+            features.update(sent_a=self.text(batch["s1"]), sent_b=self.text(batch["s2"]))
+        return features, {"scale": self.logit_scale.exp()}
 
 
-def clip_objective(features, shared):
-    loss = xfast.clip_loss(features["text"], features["image"], shared["scale"])
-    return loss, {"clip": loss}
+def clip_objective(features, shared, group=None):
+    """CLIP loss, plus SimCSE on the sentence stream when there is one."""
+    loss = xfast.clip_loss(features["text"], features["image"], shared["scale"], group=group)
+    if "sent_a" not in features:
+        return loss, {"clip": loss}
+    simcse = xfast.simcse_loss(features["sent_a"], features["sent_b"], temperature=0.1, group=group)
+    return loss + 0.5 * simcse, {"clip": loss, "simcse": simcse}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,35 +123,44 @@ class AveragingEngine:
             self.averaged = {n: p.grad.clone() for n, p in self.module.named_parameters()}
 
 
-def _two_rank_worker(rank, store, micro_batches, out):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def two_rank_inputs(pair_rows, sentence_rows):
     torch.manual_seed(0)
     model = TwoTowers().eval()  # no dropout: ranks draw different masks than one process would
-    x, y = torch.randn(16, 5), torch.randn(16, 7)
-    mine = slice(rank * 8, rank * 8 + 8)
-    size = 8 // micro_batches
-    micro = [{"x": x[mine][i:i + size], "y": y[mine][i:i + size]} for i in range(0, 8, size)]
+    inputs = {"x": torch.randn(sum(pair_rows), 5), "y": torch.randn(sum(pair_rows), 7)}
+    rows = dict.fromkeys(inputs, pair_rows)
+    if sentence_rows:
+        inputs.update(s1=torch.randn(sum(sentence_rows), 5), s2=torch.randn(sum(sentence_rows), 5))
+        rows.update(s1=sentence_rows, s2=sentence_rows)
+    return model, inputs, rows
+
+
+def _two_rank_worker(rank, store, micro_batches, pair_rows, sentence_rows, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model, inputs, rows = two_rank_inputs(pair_rows, sentence_rows)
+    mine = {k: v.split(rows[k])[rank].tensor_split(micro_batches) for k, v in inputs.items()}
+    micro = [{k: chunks[i] for k, chunks in mine.items()} for i in range(micro_batches)]
     engine = AveragingEngine(model, micro_batches)
     loss, _, _ = whole_batch_step(engine, micro, clip_objective)
-    if rank == 0:
-        torch.save({"loss": loss, "grads": engine.averaged}, out)
+    torch.save({"loss": loss, "grads": engine.averaged}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_two_ranks_average_to_the_whole_batch_gradient(tmp_path, micro_batches):
-    """Features are gathered across ranks; after DeepSpeed-style averaging the gradient equals
-    one process computing the loss over all 16 samples."""
+@pytest.mark.parametrize("micro_batches, pair_rows, sentence_rows",
+                         [(1, (8, 8), None), (2, (8, 8), None), (1, (10, 6), (3, 7)), (2, (10, 6), (3, 7))])
+def test_two_ranks_average_to_the_whole_batch_gradient(tmp_path, micro_batches, pair_rows, sentence_rows):
+    """Each rank computes the distributed loss on its own rows (uneven across ranks, and an extra
+    stream with other row counts); after DeepSpeed-style averaging the gradient equals one process
+    computing the loss over all samples."""
     out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_two_rank_worker, args=(str(tmp_path / "store"), micro_batches, str(out)), nprocs=2)
-    result = torch.load(out)
-    torch.manual_seed(0)
-    reference = TwoTowers().eval()
-    x, y = torch.randn(16, 5), torch.randn(16, 7)
-    features, shared = reference({"x": x, "y": y})
+    torch.multiprocessing.spawn(_two_rank_worker, nprocs=2, args=(str(tmp_path / "store"), micro_batches,
+                                                                  pair_rows, sentence_rows, str(out)))
+    result, other_rank = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    reference, inputs, _ = two_rank_inputs(pair_rows, sentence_rows)
+    features, shared = reference(inputs)
     loss, _ = clip_objective(features, shared)
     loss.backward()
     torch.testing.assert_close(result["loss"], loss.detach())
+    torch.testing.assert_close(other_rank["loss"], loss.detach())  # every rank reports the global loss
     for name, param in reference.named_parameters():
         torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
 

@@ -42,7 +42,7 @@ class FeaturePlan:
 
 
 class Objective:
-    """Objective(cfg)(features, logit_scale, step=...) -> (total, parts)."""
+    """Objective(cfg)(features, logit_scale, step=..., group=None) -> (total, parts)."""
 
     def __init__(self, cfg: ObjectiveConfig):
         if not isinstance(cfg, ObjectiveConfig):
@@ -97,8 +97,13 @@ class Objective:
         return tuple(dict.fromkeys(keys))
 
     def __call__(self, features: dict[str, torch.Tensor], logit_scale=None, *,
-                 step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """logit_scale: the multiplier (model.scale()), needed unless the step is SimCSE-only."""
+                 step: int | None = None, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """logit_scale: the multiplier (model.scale()), needed unless the step is SimCSE-only.
+
+        group: a torch.distributed process group, passed to every loss: each rank gives its own
+        rows (counts may differ between ranks and between feature streams) and gets the loss of
+        the global batch, with xfast.distributed's gradient convention (grad_reduction="mean":
+        exact after DDP/DeepSpeed average the gradients over ranks)."""
         if not isinstance(features, dict):
             raise TypeError(f"features must be a dict of tensors, got {type(features).__name__}")
         p = self.plan(step)
@@ -114,11 +119,12 @@ class Objective:
                 raise ValueError("the cross-modal loss needs logit_scale (model.scale())")
             media, text = features["media"], features["text"]
             if cfg.contrastive_weight:
-                parts["clip"] = clip_loss(media, text, logit_scale, label_smoothing=cfg.label_smoothing)
+                parts["clip"] = clip_loss(media, text, logit_scale, label_smoothing=cfg.label_smoothing,
+                                          group=group)
                 weighted.append(cfg.contrastive_weight * parts["clip"])
             if cfg.cyclip_lambda1 or cfg.cyclip_lambda2:
                 # On the normalised embeddings: CyCLIP's logits divided by the scale squared.
-                in_modal, cross_modal = cyclip_loss(media, text)
+                in_modal, cross_modal = cyclip_loss(media, text, group=group)
                 if cfg.cyclip_lambda1:
                     parts["cyclip_in"] = in_modal
                     weighted.append(cfg.cyclip_lambda1 * in_modal)
@@ -128,16 +134,17 @@ class Objective:
         simcse_terms = []
         if p.captions:
             first = features["text"] if p.embedding == "projected" else features["text_pooled"]
-            parts["simcse_captions"] = simcse_loss(first, features["text_view2"], temperature=se.temperature)
+            parts["simcse_captions"] = simcse_loss(first, features["text_view2"], temperature=se.temperature,
+                                                    group=group)
             simcse_terms.append(parts["simcse_captions"])
         if p.sentences:
             parts["simcse_sentences"] = simcse_loss(features["sent_a"], features["sent_b"],
-                                                    temperature=se.temperature)
+                                                    temperature=se.temperature, group=group)
             simcse_terms.append(parts["simcse_sentences"])
         if p.nli:
             simcse_terms.append(simcse_loss(features["nli_anchor"], features["nli_positive"],
                                             features["nli_negative"], temperature=se.temperature,
-                                            hard_negative_weight=se.hard_negative_weight))
+                                            hard_negative_weight=se.hard_negative_weight, group=group))
         if simcse_terms:
             parts["simcse"] = torch.stack(simcse_terms).mean()
             weighted.append(se.weight * parts["simcse"])

@@ -5,8 +5,8 @@ micro-batches are a different (weaker) objective than one loss over the whole ba
 optimizer step here:
 
 1. forward every micro-batch without autograd and keep its features (cheap: no activations);
-2. gather the features of all ranks, compute the loss once on the whole batch with the
-   features as leaf tensors, and take the gradient of the loss w.r.t. the features;
+2. compute the loss once on the whole batch with the features as leaf tensors, and take the
+   gradient of the loss w.r.t. the features;
 3. forward each micro-batch again with autograd, replaying the RNG state of pass 1 so dropout
    draws the same masks, and backpropagate the cached feature gradients through it with the
    surrogate sum(features * cached_grad): its parameter gradient is exactly that micro-batch's
@@ -18,24 +18,18 @@ reduce and clip the accumulated gradient as usual (checked against a plain full-
 computation at stages 0, 2 and 3 in tests/test_train_accumulation.py). The surrogate is passed
 with scale_wrt_gas=False because it already carries the exact whole-batch gradient.
 
-Across ranks every rank computes the same whole-batch loss on the all-gathered features and
-keeps the rows of its own samples. DeepSpeed averages gradients over ranks, so per-sample
-surrogates are multiplied by the world size; tensors shared by all samples (the logit scale)
-get the same gradient on every rank and are not.
-
-A single micro-batch needs no cache: it is one ordinary forward/backward, with the other
-ranks' features gathered as constants around this rank's rows (whose gradient is scaled by the
-world size for the same reason).
+Across ranks the loss function is called with group=<the default process group> on this rank's
+features only, and must pass it to xfast's losses: each rank scores just its own rows (O(N n_r d)
+work instead of O(N^2 d)), every rank gets the global loss value, and with grad_reduction="mean"
+this rank's features get W times their gradient and shared tensors (the logit scale) W times
+this rank's share, so DeepSpeed's averaging over ranks yields the single-process gradient.
+A single micro-batch needs no cache: it is one ordinary forward/backward of that loss.
 
 The module that the engine wraps must return `(per_sample, shared)` from `forward(batch)`:
 two dicts of tensors, per_sample ones [rows, ...] (rows may differ between keys, e.g. captions
-and an extra sentence stream), shared ones (e.g. the logit scale) used whole. Shared tensors
-must be computed inside forward (not a raw parameter returned as-is, which ZeRO-3 repartitions
-on exit).
-
-Every rank computes the whole-batch loss on all gathered features: O(N^2 d) work per rank for a
-global batch of N. The fused losses keep memory O(N d); splitting that work over ranks is what
-xfast.distributed's losses do, and is not wired in here yet.
+and an extra sentence stream, and between ranks), shared ones (e.g. the logit scale) used whole.
+Shared tensors must be computed inside forward (not a raw parameter returned as-is, which ZeRO-3
+repartitions on exit).
 """
 from __future__ import annotations
 
@@ -45,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 Features = dict[str, torch.Tensor]
-LossFn = Callable[[Features, Features], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# loss_fn(per_sample, shared, group=...) -> (loss, parts); group is None in a single process.
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class _RngSnapshot:
@@ -59,17 +54,6 @@ class _RngSnapshot:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-
-
-def _gather_rows(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """All-gather [b_r, ...] tensors of possibly different b_r into one [sum b_r, ...]."""
-    if len(sizes) == 1:
-        return local
-    pad = max(sizes) - local.shape[0]
-    padded = torch.cat([local, local.new_zeros((pad, *local.shape[1:]))]) if pad else local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def _check_features(per_sample: Features, shared: Features, keys, index: int):
@@ -86,47 +70,11 @@ def _check_features(per_sample: Features, shared: Features, keys, index: int):
             raise ValueError(f"shared output {name!r} must be a tensor, got {type(value).__name__}")
 
 
-def _rows_per_rank(features: Features, world: int) -> dict[str, list[int]]:
-    """{key: [rows on rank 0, rows on rank 1, ...]}."""
-    device = next(iter(features.values())).device  # NCCL only moves accelerator tensors
-    local_rows = torch.tensor([v.shape[0] for v in features.values()], dtype=torch.long, device=device)
-    if world > 1:
-        gathered = [torch.zeros_like(local_rows) for _ in range(world)]
-        dist.all_gather(gathered, local_rows)
-        rows = torch.stack(gathered)  # [world, keys]
-    else:
-        rows = local_rows[None]
-    return {k: [int(n) for n in rows[:, i]] for i, k in enumerate(features)}
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `factor` on the way back."""
-
-    @staticmethod
-    def forward(ctx, x, factor: float):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def _single_pass_step(engine, batch: dict, loss_fn: LossFn, world: int, rank: int):
-    """One micro-batch: a plain forward/backward (nothing to cache), with the features of the
-    other ranks gathered as constants around this rank's own rows."""
+def _single_pass_step(engine, batch: dict, loss_fn: LossFn, group):
+    """One micro-batch: a plain forward/backward (nothing to cache)."""
     per_sample, shared = engine(batch)
     _check_features(per_sample, shared, None, 0)
-    features = per_sample
-    if world > 1:
-        sizes = _rows_per_rank(per_sample, world)
-        features = {}
-        for key, value in per_sample.items():
-            everyone = _gather_rows(value.detach(), sizes[key])
-            start, end = sum(sizes[key][:rank]), sum(sizes[key][:rank + 1])
-            # x world: DeepSpeed averages over ranks, and only this rank sees its rows' gradient.
-            features[key] = torch.cat([everyone[:start], _ScaleGrad.apply(value, float(world)), everyone[end:]])
-    loss, parts = loss_fn(features, shared)
+    loss, parts = loss_fn(per_sample, shared, group=group)
     engine.backward(loss, scale_wrt_gas=False)
     engine.step()
     return loss.detach(), {k: v.detach() for k, v in parts.items()}, {k: v.detach() for k, v in shared.items()}
@@ -136,17 +84,19 @@ def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
     """Accumulate the gradient of ONE contrastive loss over all micro-batches (all ranks).
 
     engine: a DeepSpeed engine (or anything with __call__, backward(loss, scale_wrt_gas=False)
-    and step()) whose module returns (per_sample, shared) feature dicts. loss_fn maps the
-    whole-batch (per_sample, shared) dicts to (loss, parts). Calls engine.step() once per
-    micro-batch as DeepSpeed expects; the optimizer steps at the last one. Returns the
-    detached (loss, parts, shared) of the whole batch (shared as the loss saw them).
+    and step()) whose module returns (per_sample, shared) feature dicts. loss_fn maps this
+    rank's (per_sample, shared) dicts and group= (the default process group across ranks, None
+    in one process; pass it to xfast's losses) to (loss, parts) of the whole global batch.
+    Calls engine.step() once per micro-batch as DeepSpeed expects; the optimizer steps at the
+    last one. Returns the detached (loss, parts, shared) of the whole batch (shared as the loss
+    saw them); every rank returns the same global loss.
     """
     if not micro_batches:
         raise ValueError("whole_batch_step needs at least one micro-batch")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    group = dist.group.WORLD if world > 1 else None
     if len(micro_batches) == 1:
-        return _single_pass_step(engine, micro_batches[0], loss_fn, world, rank)
+        return _single_pass_step(engine, micro_batches[0], loss_fn, group)
 
     # Pass 1: features without autograd.
     snapshots, cached, shared0 = [], [], None
@@ -160,23 +110,21 @@ def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
             shared0 = shared
     after_pass1 = _RngSnapshot()
 
-    # Whole-batch loss on leaf copies of the features of every rank. Each feature key has its
-    # own row count (e.g. captions vs an extra sentence stream); rows are laid out rank-major.
+    # Whole-batch loss on leaf copies of this rank's features (the group brings in the other
+    # ranks'). Each feature key has its own row count (e.g. captions vs an extra sentence stream).
     keys = list(cached[0])
-    local = {k: torch.cat([c[k] for c in cached]) for k in keys}
-    sizes = _rows_per_rank(local, world)
-    leaves = {k: _gather_rows(local[k].detach(), sizes[k]).requires_grad_(True) for k in keys}
+    leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in keys}
     shared_leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point())
                      for k, v in shared0.items()}
     with torch.enable_grad():
-        loss, parts = loss_fn(leaves, shared_leaves)
+        loss, parts = loss_fn(leaves, shared_leaves, group=group)
         inputs = list(leaves.values()) + [v for v in shared_leaves.values() if v.requires_grad]
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     names = keys + [k for k, v in shared_leaves.items() if v.requires_grad]
     grad_of = {k: g for k, g in zip(names, grads) if g is not None}
 
     # Pass 2: replay each micro-batch with autograd and push the cached gradients through it.
-    offset = {k: sum(sizes[k][:rank]) for k in keys}
+    offset = dict.fromkeys(keys, 0)
     for index, batch in enumerate(micro_batches):
         snapshots[index].restore()
         per_sample, shared = engine(batch)
@@ -184,7 +132,7 @@ def whole_batch_step(engine, micro_batches: Sequence[dict], loss_fn: LossFn):
         for key, value in per_sample.items():
             n = value.shape[0]
             if key in grad_of:
-                terms.append((value.float() * grad_of[key][offset[key]:offset[key] + n].float()).sum() * world)
+                terms.append((value.float() * grad_of[key][offset[key]:offset[key] + n].float()).sum())
             offset[key] += n
         if index == 0:
             terms += [(value.float() * grad_of[key].float()).sum()

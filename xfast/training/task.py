@@ -26,8 +26,9 @@ class ContrastiveTask(nn.Module):
         # parameter is registered as an external parameter of this module (see shard_hooks).
         return features, {"logit_scale": self.model.scale()}
 
-    def loss(self, features: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], step: int):
-        return self.objective(features, shared["logit_scale"], step=step)
+    def loss(self, features: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], step: int, *, group=None):
+        """The objective on this rank's features; group: see Objective.__call__."""
+        return self.objective(features, shared["logit_scale"], step=step, group=group)
 
     def register_zero3_external_parameters(self) -> None:
         """Parameters the model owns directly (the logit scale) but this module's forward reads
