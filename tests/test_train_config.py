@@ -110,6 +110,12 @@ def test_builtin_configs_resolve_and_validate(demo_root, monkeypatch, tmp_path):
     # A study arm (model + objective only) layered over a config that has data.
     layered = load_config(["demo_clap_tiny", "study/clap_none"])
     assert layered.model.text.pooling == "cls_mlp" and layered.data.modality == "audio"
+    # Unsupervised SimCSE arms need a sentence stream: demo_sentences supplies the demo's.
+    with pytest.raises(ConfigError, match="sentence_data: required"):
+        load_config(["demo_clap_tiny", "study/cyclap_unsup"])
+    for media, arm in (("clap", "clap_unsup"), ("clap", "cyclap_unsup"), ("clip", "clip_unsup"), ("clip", "cyclip_unsup")):
+        unsup = load_config([f"demo_{media}_tiny", f"study/{arm}", "demo_sentences"])
+        assert unsup.objective.simcse.mode == "unsup" and unsup.sentence_data.modality == "text"
     # The full-size configs take their paths from the environment; the text encoder of clap.json
     # is a local HF folder (only its config.json is read at validation).
     from transformers import RobertaConfig

@@ -8,9 +8,9 @@
 
 Built-in configs: clip, clap (full size; paths from $XFAST_TRAIN_SHARDS, $XFAST_EVAL_SHARDS,
 $XFAST_TOKENIZER / $XFAST_TEXT_ENCODER), demo_clip_tiny, demo_clap_tiny (the demo dataset at
-$XFAST_DEMO_DATA, default ~/.cache/xfast/demo-data) and the study grid study/* (model and
-objective sections only: layer them over a config with data). Strings in a config may use $VAR
-and ~.
+$XFAST_DEMO_DATA, default ~/.cache/xfast/demo-data), demo_sentences (the demo's sentence stream,
+for unsupervised SimCSE arms) and the study grid study/* (model and objective sections only:
+layer them over a config with data). Strings in a config may use $VAR and ~.
 
 Everything a run does comes from one JSON config (`--help-config` lists every key); it is
 validated before any work starts and saved as OUTPUT/config.json. Running the same command
