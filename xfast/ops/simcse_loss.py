@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from xfast import reference
 from xfast._checks import check_embeddings, check_float, check_positive_scalar
 from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similarity_lse
+from xfast.ops.unit_rows import unit_rows
 
 
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor | None = None, *,
@@ -40,8 +40,8 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
     if backend == "reference":
         hn = None if hard_negatives is None else hard_negatives.to(acc)
         return reference.simcse_loss(z1.to(acc), z2.to(acc), hn, temperature=tau, hard_negative_weight=weight)
-    a, p = F.normalize(z1.to(acc), dim=-1), F.normalize(z2.to(acc), dim=-1)
-    columns = p if hard_negatives is None else torch.cat([p, F.normalize(hard_negatives.to(acc), dim=-1)])
+    a = unit_rows(z1, dtype=acc)
+    columns = unit_rows(z2, dtype=acc) if hard_negatives is None else unit_rows(z2, hard_negatives, dtype=acc)
     s = 1 / tau
     # The hard negative of anchor i is column N + i.
     row_lse, _, target = similarity_lse(a, columns, s, diag_bias=weight, diag_offset=z1.shape[0],
