@@ -8,15 +8,27 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def check_float_matrix(name: str, t, *, rows: str = "batch") -> None:
+    """A 2-D tensor of a floating dtype; `rows` names the first axis in the message."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [{rows}, dim], got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """No NaN or inf. NaN propagates through min/max and inf is an extreme: one pass, no mask
+    tensor (torch.isfinite(t).all() would allocate one the size of t)."""
+    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
 def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
     """2-D floating tensors on one device, one dtype, one width, finite, non-empty."""
     for name, t in zip(names, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+        check_float_matrix(name, t)
         if t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): a contrastive loss needs at least one pair")
     first_name, first = names[0], tensors[0]
@@ -30,9 +42,7 @@ def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], 
         if same_rows and t.shape[0] != first.shape[0]:
             raise ValueError(f"{name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}")
     for name, t in zip(names, tensors):
-        # NaN propagates through min/max and inf is an extreme: one pass, no mask tensor.
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+        check_finite(name, t)
 
 
 def check_positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from xfast.distributed.checks import DTYPES, LocalShape, agree
+from xfast._checks import check_finite, check_float_matrix
+from xfast.distributed.checks import LocalShape, agree
 from xfast.distributed.exchange import Ring, gather_rows
 from xfast.ops.similarity_lse import accumulation_dtype
 
@@ -20,14 +21,11 @@ TOPK_MODES = ("allgather", "ring")
 
 
 def _check_matrix(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2 or t.shape[1] == 0:
-        raise ValueError(f"{name} must be 2-D [count, dim] with dim > 0, got shape {tuple(t.shape)}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    """Like the losses' checks, but a rank may hold no rows."""
+    check_float_matrix(name, t, rows="count")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} must have dim > 0, got shape {tuple(t.shape)}")
+    check_finite(name, t)
 
 
 def _check_local(queries, keys, k, block, mode) -> None:

@@ -5,24 +5,18 @@ from collections.abc import Sequence
 
 import torch
 
-from xfast._checks import FLOAT_DTYPES
+from xfast._checks import check_finite, check_float_matrix
 
 
 def check_matrix(name: str, x, *, dim: int | None = None, min_rows: int = 1) -> torch.Tensor:
     """A finite floating 2-D tensor [rows, dim] with at least `min_rows` rows."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [items, dim], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    check_float_matrix(name, x, rows="items")
     if x.shape[0] < min_rows or x.shape[1] == 0:
         need = "at least one row" if min_rows == 1 else f"at least {min_rows} rows"
         raise ValueError(f"{name} is empty or too small (shape {tuple(x.shape)}); it needs {need} and a non-zero dim")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has embedding dim {x.shape[1]}, expected {dim}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    check_finite(name, x)
     return x
 
 

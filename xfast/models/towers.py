@@ -23,6 +23,7 @@ from transformers import (MODEL_MAPPING, AutoConfig, ASTConfig, ASTModel, BertCo
                           ClapAudioModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
                           PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaModel, ViTConfig, ViTModel)
 
+from xfast._checks import check_finite
 from xfast.config import ConfigError
 from xfast.models.config import POOLINGS, TowerConfig
 from xfast.models.heads import ClsMlp, projection_head
@@ -332,8 +333,7 @@ def _check_tensor(name: str, t, dims: int, *, integer: bool) -> None:
 
 
 def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    check_finite(name, t)
     return t
 
 
