@@ -91,7 +91,7 @@ def train(cfg: TrainConfig) -> int:
     from xfast.models import Objective, build_model
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.checkpoint import CheckpointManager
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed
+    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, make_deterministic
     from xfast.training.evaluation import run_evaluation
     from xfast.training.logging import TrainLogger
     from xfast.training.streams import EndlessStream, Streams
@@ -110,8 +110,7 @@ def train(cfg: TrainConfig) -> int:
         raise SystemExit(f"xfast train: {checkpoints.root} already holds checkpoints and checkpoint.resume is "
                          f"'never': choose another output_dir or delete them")
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        make_deterministic()
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.json")

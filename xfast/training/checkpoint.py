@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, keep the last K, resume, consolidated fp32 export.
+"""Checkpoints: a save that completes or rolls back, keep the last K, resume, fp32 export.
 
 Layout under the run's checkpoint folder:
 
@@ -8,13 +8,17 @@ Layout under the run's checkpoint folder:
     .partial/           where a save is written before it is renamed into place
 
 A save is written under .partial/ by every rank, then rank 0 renames the finished folder into
-place and rewrites `latest` through a temporary file and os.replace, so a crash at any moment
-leaves `latest` naming a complete checkpoint (the folder rename and the pointer replace are
-both atomic on POSIX filesystems; the checkpoint folder must be one filesystem shared by all
-ranks). Leftovers of an interrupted save are removed by the next one.
+place and rewrites `latest` through a temporary file and os.replace (the folder rename and the
+pointer replace are both atomic on POSIX filesystems; the checkpoint folder must be one
+filesystem shared by all ranks). So a step folder exists only once it is complete, and a kill
+at any moment leaves the previous checkpoint intact. `recover()`, called on start, removes what
+an interrupted save or prune left behind and re-points `latest` at the newest step folder
+(a kill between the rename and the pointer write leaves it one save behind). Old checkpoints
+are renamed out of the way before they are deleted, so a half-deleted one never looks complete.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -62,6 +66,85 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def _errno_of(err: BaseException) -> int | None:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from xfast.training.engine import comm_device
+    value = torch.tensor([int(flag)], device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a finished folder's files to disk before it is renamed into place (a power cut
+    must not leave a complete-looking checkpoint with empty files)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def replace_dir(target: Path, write) -> None:
+    """Write a folder through `write(tmp)` and move it to `target` (replacing an older one), so
+    a kill leaves either the old folder or the new one, never a half-written `target`. Call
+    `clean_replace_leftovers(target)` on start to remove what an interrupted call left."""
+    tmp, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_replace_leftovers(target: Path) -> None:
+    """Remove the temporary folders of a `replace_dir(target, ...)` that was killed; a kill
+    between its two renames leaves only the old copy, which is moved back."""
+    tmp, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not target.exists():
+        os.rename(old, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class CheckpointManager:
     """Saves and restores training state under `root`, keeping the newest `keep_last`."""
 
@@ -87,8 +170,34 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} names {tag!r}, which is not in {self.root}")
         return tag
 
+    def recover(self) -> str | None:
+        """Clean up after a killed run and make `latest` name the newest complete checkpoint.
+        Every rank calls this on start, before loading; returns a note when `latest` moved."""
+        note = None
+        if self.rank == 0 and self.root.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+            for leftover in self.root.iterdir():
+                if leftover.name.startswith((".latest.tmp", ".trash-")):
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            tags = self.tags()
+            pointer = self.root / "latest"
+            named = pointer.read_text().strip() if pointer.is_file() else None
+            newest = tags[-1] if tags else None
+            if newest != named:
+                if newest is None:
+                    pointer.unlink()
+                else:
+                    _write_atomically(pointer, newest + "\n")
+                note = f"{pointer} named {named}, the newest complete checkpoint is {newest}: re-pointed it"
+        _barrier()
+        return note
+
     def save(self, engine, step: int, trainer_state: dict) -> str:
-        """Write a checkpoint of `engine` (all ranks call this) and return its tag."""
+        """Write a checkpoint of `engine` (all ranks call this) and return its tag. Raises
+        CheckpointError on every rank if any rank failed to write; the previous checkpoint
+        stays the latest."""
+        from xfast.training.faults import fault_point
+
         tag = tag_for(step)
         if (self.root / tag).is_dir():
             return tag  # already saved at this step (e.g. final save right after a periodic one)
@@ -96,24 +205,58 @@ class CheckpointManager:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(self.partial), tag=tag, save_latest=False)
-        state = dict(trainer_state, step=step, world_size=self.world_size, rng=rng_state())
-        target = self.partial / tag / f"trainer_state_rank{self.rank}.pt"
-        torch.save(state, target.with_suffix(".tmp"))
-        os.replace(target.with_suffix(".tmp"), target)
-        _barrier()
+        error = None
+        try:
+            engine.save_checkpoint(str(self.partial), tag=tag, save_latest=False)
+            state = dict(trainer_state, step=step, world_size=self.world_size, rng=rng_state())
+            target = self.partial / tag / f"trainer_state_rank{self.rank}.pt"
+            torch.save(state, target.with_suffix(".tmp"))
+            os.replace(target.with_suffix(".tmp"), target)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            error = err
+        if _any_rank(error is not None):
+            if self.rank == 0:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            _barrier()
+            raise CheckpointError(self._save_failure(tag, error)) from error
+        fault_point("save.written", step, self.rank)
         if self.rank == 0:
+            _fsync_tree(self.partial / tag)
             os.rename(self.partial / tag, self.root / tag)
+            fault_point("save.renamed", step)
             _write_atomically(self.root / "latest", tag + "\n")
             shutil.rmtree(self.partial, ignore_errors=True)
             self._prune(keep=tag)
         _barrier()
         return tag
 
+    def _save_failure(self, tag: str, error: BaseException | None) -> str:
+        previous = self.latest_tag()
+        kept = f"{previous} is still the latest checkpoint" if previous else "there is no earlier checkpoint"
+        if error is None:
+            return f"checkpoint {tag} was not saved: another rank failed to write its part; {kept}"
+        code = _errno_of(error)
+        free = shutil.disk_usage(self.root).free
+        # torch.save reports a full disk as "basic_ios::clear: iostream error", without an errno
+        needed = checkpoint_bytes(self.root / previous) if previous else 1 << 20
+        if code == errno.ENOSPC or (code is None and free < needed):
+            reason = f"no space left on the device ({human_bytes(free)} free)"
+        elif code == errno.EROFS:
+            reason = "the filesystem is read-only"
+        elif code in (errno.EACCES, errno.EPERM):
+            reason = "permission denied"
+        elif code == errno.EDQUOT:
+            reason = "disk quota exceeded"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        return f"checkpoint {tag} could not be written to {self.root}: {reason}; {kept}"
+
     def _prune(self, keep: str) -> None:
         old = [t for t in self.tags() if t != keep]
         for tag in old[:max(0, len(old) - (self.keep_last - 1))]:
-            shutil.rmtree(self.root / tag)
+            trash = self.root / f".trash-{tag}"
+            os.rename(self.root / tag, trash)  # gone from tags() at once; the delete may be cut short
+            shutil.rmtree(trash)
 
     def load(self, engine, tag: str | None = None) -> dict | None:
         """Restore engine (weights, optimizer, scheduler) and this rank's RNG from `tag`

@@ -34,8 +34,30 @@ def init_distributed() -> tuple[int, int]:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        if os.environ["WORLD_SIZE"] == "1":
+            # DeepSpeed JIT-builds a shared-memory all-reduce op for CPU ranks (~30 s the first time,
+            # under a lock file a kill leaves behind); one process has nothing to reduce. DeepSpeed
+            # keeps its op-compatibility table in this module attribute and consults it on load.
+            import deepspeed.ops
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        else:
+            from xfast.training.preflight import shm_comm_lock, wait_for_extension_lock
+            wait_for_extension_lock(shm_comm_lock(), say=lambda m: print(f"xfast train: {m}", flush=True))
     deepspeed.init_distributed(verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels (train.deterministic), without the debugging fill that comes with
+    them: torch.use_deterministic_algorithms also fills every torch.empty with NaN, and
+    DeepSpeed's ZeRO allocates its ~5e8-element gradient buckets that way on every step (a
+    50x slowdown of a small model on CPU). Filling is a check for reads of uninitialised
+    memory, not a source of determinism: results are the same without it."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def comm_device() -> torch.device:

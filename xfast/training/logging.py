@@ -7,6 +7,7 @@ the model, limits speed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,11 +22,16 @@ class TrainLogger:
         self.enabled = enabled
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, disable=not (enabled and progress_bar))
+        # A run resumed from the checkpoint of step S logged every row up to S before saving it;
+        # rows after S (written before a crash) are dropped here and written again.
+        kept_through = start_step if start_step > 0 else -1
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step)
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=kept_through + 1)
         self.history_path = Path(output_dir) / "metrics.jsonl" if enabled else None
+        if enabled:
+            _truncate_history(self.history_path, kept_through)
         self._mark = time.perf_counter()
         self._samples = 0
         self._data_wait = 0.0
@@ -83,3 +89,22 @@ class TrainLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate_history(path: Path, last_step: int) -> None:
+    """Keep the rows of steps <= last_step (replacing the file atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut short by a kill
+        if step <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from xfast.data import build_loader
 from xfast.data.skips import empty_counts
 
@@ -18,6 +20,16 @@ class EndlessStream:
         self._iterator = None
 
     def next(self) -> dict:
+        # A DataLoader draws its workers' base seed from the global torch RNG when its iterator
+        # starts (first batch, each epoch, each resume); restoring the state keeps dropout masks
+        # the same whether or not a resume restarted the workers.
+        rng = torch.get_rng_state()
+        try:
+            return self._next()
+        finally:
+            torch.set_rng_state(rng)
+
+    def _next(self) -> dict:
         for attempt in range(2):
             if self._iterator is None:
                 self._iterator = iter(self.loader)
