@@ -41,8 +41,9 @@ PROJECTIONS = ("linear", "mlp", "none")
 @dataclass
 class TowerConfig:
     """One encoder: which HF architecture, how it is initialised, pooled, projected and frozen."""
-    type: str = field(metadata={"help": "architecture: text bert|roberta|clip_text|auto (auto: any AutoModel "
-                                        "encoder, pretrained only); image vit|clip_vision; audio htsat|ast"})
+    type: str | None = field(default=None, metadata={
+        "help": "architecture: text bert|roberta|clip_text|auto (auto: any AutoModel encoder, pretrained only); "
+                "image vit|clip_vision; audio htsat|ast. Required unless model.init_from sets it"})
     preset: str | None = field(default=None, metadata={
         "help": "random initialisation at a size preset: 'tiny' (hidden 32, 2 layers; tests) or 'base'; "
                 "exclusive with 'pretrained'"})
@@ -69,7 +70,13 @@ class TowerConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "HF gradient checkpointing"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "text only: local tokenizer folder (xfast.models.train_tokenizer output); defaults to the "
-                "'pretrained' folder"})
+                "'pretrained' (or model.init_from) folder"})
+
+    def __post_init__(self):
+        # pathlib.Path is as good as str here; the saved config keeps str.
+        for key in ("pretrained", "tokenizer"):
+            if isinstance(getattr(self, key), os.PathLike):
+                setattr(self, key, os.fspath(getattr(self, key)))
 
 
 @dataclass
@@ -78,9 +85,16 @@ class ModelConfig:
     text: TowerConfig = field(metadata={"help": "text tower"})
     image: TowerConfig | None = field(default=None, metadata={"help": "image tower (CLIP)"})
     audio: TowerConfig | None = field(default=None, metadata={"help": "audio tower (CLAP)"})
-    embed_dim: int = field(default=512, metadata={"help": "size of the shared embedding space"})
-    logit_scale_init: float = field(default=1 / 0.07, metadata={
-        "help": "initial logit scale (the multiplier, not its log); stored as log"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from a whole pretrained model: a transformers CLIPModel or ClapModel folder, or an "
+                "open_clip checkpoint file with its model config JSON beside it (see xfast.models.sources). "
+                "It sets both towers (type, pooling, projection, weights), embed_dim, the logit scale and the "
+                "default tokenizer; the tower sections keep the training settings (freeze, overrides, ...)"})
+    embed_dim: int | None = field(default=None, metadata={
+        "help": "size of the shared embedding space (default 512, or init_from's)"})
+    logit_scale_init: float | None = field(default=None, metadata={
+        "help": "initial logit scale (the multiplier, not its log; stored as log); default 1/0.07, or "
+                "init_from's"})
     logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of the scale inside forward"})
     learn_logit_scale: bool = field(default=True, metadata={"help": "train the logit scale"})
 
@@ -100,6 +114,13 @@ class ModelConfig:
         if (self.image is None) == (self.audio is None):
             raise ConfigError(f"{path}: set exactly one media tower, 'image' or 'audio' (got "
                               f"{'both' if self.image is not None else 'neither'})")
+        source = self.source(path)
+        if source is not None:
+            self._take_from_source(source, path)
+        if self.embed_dim is None:
+            self.embed_dim = 512
+        if self.logit_scale_init is None:
+            self.logit_scale_init = 1 / 0.07
         if self.embed_dim <= 0:
             raise ConfigError(f"{path}.embed_dim: must be positive, got {self.embed_dim}")
         if not (math.isfinite(self.logit_scale_init) and self.logit_scale_init > 0):
@@ -108,20 +129,59 @@ class ModelConfig:
             raise ConfigError(f"{path}.logit_scale_max: must be >= logit_scale_init ({self.logit_scale_init}), "
                               f"got {self.logit_scale_max}")
         for modality, tower in self.towers().items():
-            _validate_tower(tower, modality, f"{path}.{modality}")
+            _validate_tower(tower, modality, f"{path}.{modality}", from_source=source is not None)
         # Dims are checked against the HF configs the towers will be built from (no weights made).
         from xfast.models.towers import hf_config
         for modality, tower in self.towers().items():
-            _validate_dims(tower, hf_config(tower, f"{path}.{modality}"), self.embed_dim, f"{path}.{modality}",
-                           f"{path}.embed_dim")
+            base = source.towers()[modality].config if source is not None else None
+            _validate_dims(tower, hf_config(tower, f"{path}.{modality}", base=base), self.embed_dim,
+                           f"{path}.{modality}", f"{path}.embed_dim")
+
+    def source(self, path: str = "model"):
+        """The init_from model's description (configs only, no weights), or None."""
+        if self.init_from is None:
+            return None
+        from xfast.models.sources import read_source
+        self.init_from = os.fspath(self.init_from)
+        try:
+            return read_source(self.init_from)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("model.init_from", f"{path}.init_from")) from None
+
+    def _take_from_source(self, source, path: str) -> None:
+        if source.modality != self.modality:
+            raise ConfigError(f"{path}.{self.modality}: init_from {self.init_from!r} is a {source.kind} model with "
+                              f"an {source.modality} tower; name that section '{source.modality}' (it may be {{}})")
+        for modality, theirs in source.towers().items():
+            tower, where = self.towers()[modality], f"{path}.{modality}"
+            if tower.preset is not None or tower.pretrained is not None:
+                raise ConfigError(f"{where}: init_from sets this tower's weights; remove 'preset'/'pretrained'")
+            for key in ("type", "pooling"):
+                if getattr(tower, key) not in (None, getattr(theirs, key)):
+                    raise ConfigError(f"{where}.{key}: init_from {self.init_from!r} has a {theirs.type} tower with "
+                                      f"{key} {getattr(theirs, key)!r}, got {getattr(tower, key)!r}")
+            if tower.projection not in ("linear", theirs.projection):  # "linear" is also the default
+                raise ConfigError(f"{where}.projection: init_from {self.init_from!r} has a {theirs.projection!r} "
+                                  f"projection, got {tower.projection!r}")
+            tower.type, tower.pooling, tower.projection = theirs.type, theirs.pooling, theirs.projection
+        if self.text.tokenizer is None and source.tokenizer_dir is not None:
+            self.text.tokenizer = source.tokenizer_dir
+        if self.embed_dim not in (None, source.embed_dim):
+            raise ConfigError(f"{path}.embed_dim: init_from {self.init_from!r} projects to {source.embed_dim}, "
+                              f"got {self.embed_dim}")
+        self.embed_dim = source.embed_dim
+        if self.logit_scale_init is None:
+            self.logit_scale_init = min(source.logit_scale, self.logit_scale_max)
 
 
-def _validate_tower(tower: TowerConfig, modality: str, path: str) -> None:
+def _validate_tower(tower: TowerConfig, modality: str, path: str, from_source: bool = False) -> None:
     allowed = TOWER_TYPES[modality]
+    if tower.type is None:
+        raise ConfigError(f"{path}.type: required key is missing (or set model.init_from)")
     if tower.type not in allowed:
         raise ConfigError(f"{path}.type: {tower.type!r} is not a {modality} tower; choose one of "
                           f"{', '.join(map(repr, allowed))}")
-    if (tower.preset is None) == (tower.pretrained is None):
+    if not from_source and (tower.preset is None) == (tower.pretrained is None):
         raise ConfigError(f"{path}: set exactly one of 'preset' ({', '.join(map(repr, PRESETS))}) or "
                           f"'pretrained' (a local folder)")
     if tower.preset is not None and tower.preset not in PRESETS:

@@ -173,7 +173,15 @@ def build_model(cfg: ModelConfig, *, path: str = "model") -> ContrastiveModel:
                 raise
             # A pretrained text folder without a tokenizer: the caller brings its own.
     vocab = vocab_facts(tokenizer) if tokenizer is not None else None
-    text = EncoderTower("text", cfg.text, build_backbone(cfg.text, f"{path}.text", vocab=vocab), cfg.embed_dim, path)
-    media_backbone = build_backbone(cfg.media, f"{path}.{cfg.modality}")
+    source = cfg.source(path)
+    bases = {m: t.config for m, t in source.towers().items()} if source is not None else {}
+    text_backbone = build_backbone(cfg.text, f"{path}.text", vocab=vocab, base=bases.get("text"))
+    text = EncoderTower("text", cfg.text, text_backbone, cfg.embed_dim, path)
+    media_backbone = build_backbone(cfg.media, f"{path}.{cfg.modality}", base=bases.get(cfg.modality))
     media = EncoderTower(cfg.modality, cfg.media, media_backbone, cfg.embed_dim, path)
-    return ContrastiveModel(cfg, text, media, tokenizer)
+    model = ContrastiveModel(cfg, text, media, tokenizer)
+    if source is not None:
+        from xfast.models.sources import fit_to_model, source_state_dict
+        state = fit_to_model(source_state_dict(source), model, f"{path}.init_from {source.path!r}")
+        model.load_state_dict(state, strict=False)  # strict=False: only the buffers fit_to_model ignores
+    return model

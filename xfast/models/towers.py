@@ -14,6 +14,7 @@ Inputs each tower takes (what the data pipeline must produce):
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -68,9 +69,12 @@ PRESET_OVERRIDES: dict[str, dict[str, dict]] = {
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
 
 
-def hf_config(tower: TowerConfig, path: str) -> PretrainedConfig:
-    """The HF config a tower is built from: preset (or checkpoint) plus overrides; no weights."""
-    if tower.pretrained is not None:
+def hf_config(tower: TowerConfig, path: str, *, base: PretrainedConfig | None = None) -> PretrainedConfig:
+    """The HF config a tower is built from: preset (or checkpoint, or `base`: model.init_from's) plus
+    overrides; no weights."""
+    if base is not None:
+        config = copy.deepcopy(base)
+    elif tower.pretrained is not None:
         config = AutoConfig.from_pretrained(tower.pretrained)
         if tower.type != "auto":
             expected = ARCHITECTURES[tower.type][2]
@@ -98,15 +102,17 @@ def model_class(tower: TowerConfig, config: PretrainedConfig) -> type[PreTrained
     return ARCHITECTURES[tower.type][1]
 
 
-def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None) -> PreTrainedModel:
-    """The HF model of a tower. vocab: tokenizer facts for random text towers (size, special ids)."""
-    config = hf_config(tower, path)
-    if vocab is not None and tower.pretrained is None:
+def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None,
+                   base: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The HF model of a tower. vocab: tokenizer facts for random text towers (size, special ids).
+    base: the config of model.init_from's tower (its weights are loaded by build_model)."""
+    config = hf_config(tower, path, base=base)
+    if vocab is not None and tower.pretrained is None and base is None:
         _fit_vocab(config, tower, vocab, path)
     cls = model_class(tower, config)
     # A pooler layer nobody uses would get no gradient (DeepSpeed/DDP complain about that).
     extra = {"add_pooling_layer": False} if "add_pooling_layer" in _init_parameters(cls) else {}
-    if tower.pretrained is not None:
+    if tower.pretrained is not None and base is None:
         model = cls.from_pretrained(tower.pretrained, config=config, **extra)
     else:
         model = cls(config, **extra)
