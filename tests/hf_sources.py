@@ -24,11 +24,11 @@ def clip_model(seed: int = 0, *, vocab_size: int = 120, eos: int = 3) -> CLIPMod
     return CLIPModel(config).eval()
 
 
-def clap_model(seed: int = 0, *, vocab_size: int = 120) -> ClapModel:
+def clap_model(seed: int = 0, *, vocab_size: int = 120, pad: int = 1, bos: int = 0, eos: int = 2) -> ClapModel:
     torch.manual_seed(seed)
     config = ClapConfig(
-        text_config=dict(TINY, vocab_size=vocab_size, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2, type_vocab_size=1),
+        text_config=dict(TINY, vocab_size=vocab_size, max_position_embeddings=40, pad_token_id=pad, bos_token_id=bos,
+                         eos_token_id=eos, type_vocab_size=1),
         audio_config=HTSAT_TINY, projection_dim=16, logit_scale_init_value=20.0)
     model = ClapModel(config).eval()
     with torch.no_grad():  # trained scales differ from the init value and from each other

@@ -32,6 +32,8 @@ class ContrastiveModel(nn.Module):
         self.text = text
         self.media = media
         self.tokenizer = tokenizer
+        # Media front end and text length the model expects (xfast.data config fields), kept in exports.
+        self.preprocessing: dict = {}
         self.logit_scale_max = cfg.logit_scale_max
         # Shape (1,), not 0-dim: DeepSpeed ZeRO cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)),
@@ -144,10 +146,11 @@ class ContrastiveModel(nn.Module):
         if self.modality != modality:
             raise ValueError(f"this model's media tower is {self.modality!r}, not {modality!r}")
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """Towers in HF format (text/ + tokenizer, image/ or audio/), heads, xfast_config.json."""
+    def save_pretrained(self, out_dir, *, preprocessing: dict | None = None) -> str:
+        """A transformers CLIPModel/ClapModel folder when the towers fit one, else HF towers + heads;
+        plus text/ (sentence-transformers) and xfast_config.json. See xfast.models.io."""
         from xfast.models.io import save_pretrained
-        save_pretrained(self, out_dir)
+        return save_pretrained(self, out_dir, preprocessing=preprocessing)
 
 
 def _require(source: Mapping | None, keys, name: str) -> None:
@@ -184,4 +187,5 @@ def build_model(cfg: ModelConfig, *, path: str = "model") -> ContrastiveModel:
         from xfast.models.sources import fit_to_model, source_state_dict
         state = fit_to_model(source_state_dict(source), model, f"{path}.init_from {source.path!r}")
         model.load_state_dict(state, strict=False)  # strict=False: only the buffers fit_to_model ignores
+        model.preprocessing = source.preprocessing
     return model
