@@ -16,10 +16,11 @@ from xfast.data.skips import SampleSkipped
 from xfast.data.text import Tokenize, find_captions, find_tags, nli_triplet, sentence
 
 
-def _media(sample: dict, extensions: tuple[str, ...]) -> bytes:
+def _media(sample: dict, extensions: tuple[str, ...]) -> tuple[str, bytes]:
+    """(extension, bytes) of the sample's first file with one of `extensions`."""
     for ext in extensions:
         if ext in sample:
-            return sample[ext]
+            return ext, sample[ext]
     raise SampleSkipped("missing_media", f"no file with extension {'|'.join(extensions)}")
 
 
@@ -61,7 +62,7 @@ class ImageCaptionProcessor(_CaptionedMedia):
         self.normalize = ImageNormalizer(cfg.image)
 
     def process(self, sample: dict, rng: np.random.Generator) -> dict:
-        data = _media(sample, IMAGE_EXTENSIONS)
+        _, data = _media(sample, IMAGE_EXTENSIONS)
         item = self._caption_item(sample, rng)  # before decoding: a missing caption is cheap to find
         item["pixels"] = self.transform(data, rng)
         return item
@@ -82,18 +83,20 @@ class AudioCaptionProcessor(_CaptionedMedia):
         self.logmel = LogMel(cfg.audio) if self.output == "logmel" else None
 
     def process(self, sample: dict, rng: np.random.Generator) -> dict:
-        data = _media(sample, AUDIO_EXTENSIONS)
+        ext, data = _media(sample, AUDIO_EXTENSIONS)
         item = self._caption_item(sample, rng)
-        item["waveform"] = self.transform(data, rng)
+        wave = self.transform(data, rng, ext)
+        # The log-mel per clip, in the worker: batches then stack [frames, n_mels], not whole waveforms.
+        item["audio"] = wave if self.logmel is None else self.logmel.clip(wave)
         return item
 
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
-        waves = torch.from_numpy(np.stack([item["waveform"] for item in items]))
+        audio = torch.from_numpy(np.stack([item["audio"] for item in items]))
         if self.logmel is not None:
-            batch["input_features"] = self.logmel(waves)
+            batch["input_features"] = audio[:, None]  # [B, 1, frames, n_mels]
         else:
-            batch["waveform"] = waves
+            batch["waveform"] = audio
         return batch
 
 

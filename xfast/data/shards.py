@@ -2,7 +2,7 @@
 
 Written layout (readable by img2dataset/open_clip and LAION-CLAP loaders alike):
   image: KEY.jpg|png|webp + KEY.txt (first caption) + KEY.json {"text", "caption", "file"}
-  audio: KEY.flac|wav|mp3|ogg + KEY.json {"text", "tag", "file"}
+  audio: KEY.flac|wav|mp3|ogg|opus + KEY.json {"text", "tag", "file"}
 Keys are running numbers (000000000, 000000001, ...); sizes.json maps shard names to counts.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import sys
 import tarfile
 
 import numpy as np
-import soundfile
 from PIL import Image
 from tqdm import tqdm
 
 from xfast.data.audio import AUDIO_EXTENSIONS
+from xfast.data.audio_io import decode_audio
 from xfast.data.image import IMAGE_EXTENSIONS
 from xfast.data.skips import SampleSkipped, empty_counts
 from xfast.data.sources import expand_urls, read_shard, sizes_table
@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "file, naming the file and its caption(s)")
     parser.add_argument("--out", help="output folder for the shards and sizes.json (created if missing)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    parser.add_argument("--modality", choices=["image", "audio"], default="image",
-                        help="kind of media files: image (jpg/png/webp) or audio (flac/wav/mp3/ogg); default image")
+    parser.add_argument("--modality", choices=["image", "audio"], default=None,
+                        help=f"kind of media files: image ({'/'.join(IMAGE_EXTENSIONS)}) or audio "
+                             f"({'/'.join(AUDIO_EXTENSIONS)}); default: inferred from the files' extensions")
     parser.add_argument("--prefix", default="shards", help="shard file name prefix (default: shards)")
     parser.add_argument("--file-column", default="file",
                         help="column holding the media path relative to MEDIA_DIR (default: file)")
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag-column", default="tag",
                         help="optional column of labels, kept as the json 'tag' field; in CSV, labels are "
                              "separated by ';' (default: tag)")
+    parser.add_argument("--max-listed", type=int, default=20,
+                        help="how many left-out files (or, with --check, problems) to name on the terminal; "
+                             "every left-out file is also listed in OUT/left_out.csv (default: 20)")
     parser.add_argument("--no-verify", action="store_true",
                         help="write media without decoding them first (faster; broken files go into the shards)")
     parser.add_argument("--check", metavar="URLS",
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check is not None:
         if args.media_dir is not None:
             _parser().error("--check takes no MEDIA_DIR")
-        return check_shards(args.check)
+        return check_shards(args.check, args.max_listed)
     if args.media_dir is None or args.captions is None or args.out is None:
         _parser().error("writing shards needs MEDIA_DIR, --captions and --out (or use --check URLS)")
     if args.shard_size <= 0:
@@ -112,20 +116,44 @@ def _read_table(path: str, args) -> list[dict]:
     return rows
 
 
-def _verify(data: bytes, modality: str) -> None:
-    if modality == "image":
+def _verify(data: bytes, ext: str) -> None:
+    """Decode the whole file as the pipeline would, raising SampleSkipped when it cannot."""
+    if ext in IMAGE_EXTENSIONS:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.convert("RGB")
         except Exception as err:
             raise SampleSkipped("corrupt_image", str(err)) from None
-    else:
-        try:
-            wave, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as err:
-            raise SampleSkipped("corrupt_audio", str(err)) from None
-        if wave.shape[0] == 0 or not np.isfinite(wave).all():
-            raise SampleSkipped("corrupt_audio", "empty or non-finite audio")
+        return
+    try:
+        wave, _ = decode_audio(data, ext)
+    except Exception as err:
+        raise SampleSkipped("corrupt_audio", str(err)) from None
+    if wave.shape[0] == 0 or not np.isfinite(wave).all():
+        raise SampleSkipped("corrupt_audio", "empty or non-finite audio")
+
+
+def _extension(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def infer_modality(rows: list[dict]) -> tuple[str | None, str]:
+    """('image' | 'audio' | None, what was seen) from the extensions of the table's files."""
+    seen = {"image": {}, "audio": {}}
+    for row in rows:
+        ext = _extension(row["file"])
+        for modality, extensions in (("image", IMAGE_EXTENSIONS), ("audio", AUDIO_EXTENSIONS)):
+            if ext in extensions:
+                seen[modality][ext] = seen[modality].get(ext, 0) + 1
+    described = {m: ", ".join(f"{n} .{e}" for e, n in sorted(exts.items())) for m, exts in seen.items()}
+    if seen["image"] and seen["audio"]:
+        return None, f"the table names image files ({described['image']}) and audio files ({described['audio']})"
+    for modality in ("image", "audio"):
+        if seen[modality]:
+            return modality, described[modality]
+    return None, (f"no file in the table has an image ({'|'.join(IMAGE_EXTENSIONS)}) or audio "
+                  f"({'|'.join(AUDIO_EXTENSIONS)}) extension")
 
 
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -137,12 +165,20 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(args) -> int:
     rows = _read_table(args.captions, args)
-    extensions = IMAGE_EXTENSIONS if args.modality == "image" else AUDIO_EXTENSIONS
+    modality = args.modality
+    if modality is None:
+        modality, seen = infer_modality(rows)
+        if modality is None:
+            print(f"error: {seen}: give --modality image or --modality audio", file=sys.stderr)
+            return 2
+        print(f"modality: {modality} (inferred from the files: {seen}; --modality sets it)")
+    extensions = IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS
     os.makedirs(args.out, exist_ok=True)
     num_shards = max(1, -(-len(rows) // args.shard_size))
     digits = max(4, len(str(num_shards - 1)))
     sizes: dict[str, int] = {}
     problems: dict[str, int] = {}
+    left_out: list[tuple[str, int, str]] = []  # (file, line of the table, why)
     archive, shard_path, shard_count, written = None, None, 0, 0
 
     def close_shard():
@@ -154,25 +190,25 @@ def write_shards(args) -> int:
             archive = None
 
     for row in tqdm(rows, desc="writing shards", unit="sample"):
-        ext = os.path.splitext(row["file"])[1].lower().lstrip(".")
-        ext = "jpg" if ext == "jpeg" else ext
-        reason = None
+        ext = _extension(row["file"])
+        kind = detail = None
         if ext not in extensions:
-            reason = f"not a {args.modality} file extension ({'|'.join(extensions)})"
+            kind, detail = f"not an {modality} file", f"extension not one of {'|'.join(extensions)}"
         elif not any(c for c in row["captions"]):
-            reason = "missing_caption"
+            kind, detail = "missing_caption", "empty caption"
         else:
             try:
                 with open(os.path.join(args.media_dir, row["file"]), "rb") as f:
                     data = f.read()
                 if not args.no_verify:
-                    _verify(data, args.modality)
+                    _verify(data, ext)
             except OSError as err:
-                reason = f"unreadable file ({err.strerror})"
+                kind, detail = "unreadable file", err.strerror or str(err)
             except SampleSkipped as skip:
-                reason = skip.kind
-        if reason is not None:
-            problems[reason] = problems.get(reason, 0) + 1
+                kind, detail = skip.kind, str(skip)[len(skip.kind) + 2:] or skip.kind
+        if kind is not None:
+            problems[kind] = problems.get(kind, 0) + 1
+            left_out.append((row["file"], row["line"], f"{kind}: {detail}"))
             continue
         if archive is None or shard_count == args.shard_size:
             close_shard()
@@ -183,7 +219,7 @@ def write_shards(args) -> int:
         captions = [c for c in row["captions"] if c]
         meta = {"text": captions if len(captions) > 1 else captions[0], "file": row["file"]}
         _add(archive, f"{key}.{ext}", data)
-        if args.modality == "image":
+        if modality == "image":
             meta["caption"] = captions[0]
             _add(archive, f"{key}.txt", captions[0].encode())
         if row["tags"]:
@@ -192,16 +228,36 @@ def write_shards(args) -> int:
         shard_count += 1
         written += 1
     close_shard()
+    if written:
+        with open(os.path.join(args.out, "sizes.json"), "w") as f:
+            json.dump(sizes, f, indent=1)
+        pattern = os.path.join(args.out, f"{args.prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
+        print(f"wrote {written} samples in {len(sizes)} shards: {pattern}")
+    for kind, count in sorted(problems.items()):
+        print(f"  left out {count} rows: {kind}")
+    _report_left_out(left_out, args)
     if written == 0:
-        print(f"error: no usable row in {args.captions}: {problems}", file=sys.stderr)
+        print(f"error: no usable row in {args.captions}", file=sys.stderr)
         return 1
-    with open(os.path.join(args.out, "sizes.json"), "w") as f:
-        json.dump(sizes, f, indent=1)
-    pattern = os.path.join(args.out, f"{args.prefix}-{{{0:0{digits}d}..{len(sizes) - 1:0{digits}d}}}.tar")
-    print(f"wrote {written} samples in {len(sizes)} shards: {pattern}")
-    for reason, count in sorted(problems.items()):
-        print(f"  left out {count} rows: {reason}")
     return 0
+
+
+def _report_left_out(left_out: list[tuple[str, int, str]], args) -> None:
+    """Name each left-out file and why: the first --max-listed here, all in OUT/left_out.csv."""
+    listing = os.path.join(args.out, "left_out.csv")
+    if not left_out:
+        if os.path.exists(listing):  # from an earlier run into the same folder
+            os.remove(listing)
+        return
+    with open(listing, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "line", "reason"])
+        writer.writerows(left_out)
+    print(f"left-out files (all {len(left_out)} in {listing}):")
+    for file, line, reason in left_out[: args.max_listed]:
+        print(f"  {file} (line {line}): {reason}")
+    if len(left_out) > args.max_listed:
+        print(f"  ... and {len(left_out) - args.max_listed} more")
 
 
 # Checking --------------------------------------------------------------------------------------
@@ -212,10 +268,7 @@ def _check_sample(sample: dict) -> None:
     audio_ext = next((e for e in AUDIO_EXTENSIONS if e in sample), None)
     if image_ext or audio_ext:
         find_captions(sample, CAPTION_KEYS)
-        if image_ext:
-            _verify(sample[image_ext], "image")
-        else:
-            _verify(sample[audio_ext], "audio")
+        _verify(sample[image_ext or audio_ext], image_ext or audio_ext)
     elif "csv" in sample:
         nli_triplet(sample, TEXT)
     elif "txt" in sample:
@@ -226,8 +279,9 @@ def _check_sample(sample: dict) -> None:
         raise SampleSkipped("missing_media", f"no media or text in {sorted(k for k in sample if k[:2] != '__')}")
 
 
-def check_shards(urls: str) -> int:
-    """Read every shard, decode every sample; print counts and problems. 0 when all is well."""
+def check_shards(urls: str, max_listed: int = 20) -> int:
+    """Read every shard, decode every sample; print counts and each problem (shards by path,
+    samples by shard and key). 0 when all is well."""
     try:
         shard_urls = expand_urls(urls, "--check")
     except ValueError as err:
@@ -236,38 +290,42 @@ def check_shards(urls: str) -> int:
     sizes_tables: dict[str, dict] = {}
     totals = empty_counts()
     total_samples = 0
-    mismatches = []
+    problems: list[str] = []
+
+    def on_shard_problem(kind: str, detail: str) -> None:  # detail starts with the shard's url
+        totals[kind] += 1
+        problems.append(f"{kind}: {detail}")
+
     for url in tqdm(shard_urls, desc="checking shards", unit="shard"):
-        counts = empty_counts()
         samples = 0
-        for sample in read_shard(url, lambda kind, detail: counts.__setitem__(kind, counts[kind] + 1)):
+        for sample in read_shard(url, on_shard_problem):
             samples += 1
             try:
                 _check_sample(sample)
             except SampleSkipped as skip:
-                counts[skip.kind] += 1
+                totals[skip.kind] += 1
+                problems.append(f"{skip.kind}: {url} sample {sample['__key__']}{str(skip)[len(skip.kind):]}")
         directory, name = os.path.split(url)
         if not url.startswith("pipe:"):
             if directory not in sizes_tables:
                 sizes_tables[directory] = sizes_table(directory)
             expected = sizes_tables[directory].get(name)
             if expected is not None and expected != samples:
-                mismatches.append(f"{url}: sizes.json says {expected}, read {samples}")
-        bad = {k: v for k, v in counts.items() if v}
-        if bad:
-            tqdm.write(f"{url}: {samples} samples, problems: {bad}")
+                problems.append(f"size mismatch: {url}: sizes.json says {expected}, read {samples}")
         total_samples += samples
-        for kind, count in counts.items():
-            totals[kind] += count
-    bad = {k: v for k, v in totals.items() if v}
     print(f"{len(shard_urls)} shards, {total_samples} samples")
-    for kind, count in bad.items():
-        print(f"  {kind}: {count}")
-    for line in mismatches:
-        print(f"  size mismatch: {line}")
-    if not bad and not mismatches:
+    for kind, count in totals.items():
+        if count:
+            print(f"  {kind}: {count}")
+    if not problems:
         print("  no problems found")
-    return 1 if bad or mismatches else 0
+        return 0
+    print("problems:")
+    for line in problems[:max_listed]:
+        print(f"  {line}")
+    if len(problems) > max_listed:
+        print(f"  ... and {len(problems) - max_listed} more (--max-listed)")
+    return 1
 
 
 if __name__ == "__main__":
