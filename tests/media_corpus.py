@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -63,11 +64,10 @@ def wheel_files(package: str, version: str, pattern: str, expected: int) -> list
 
 def sklearn_photos(directory: Path) -> list[Path]:
     """scikit-learn's two sample photos, copied to `directory` (empty when scikit-learn is absent)."""
-    try:
-        import sklearn.datasets
-    except ImportError:
+    spec = importlib.util.find_spec("sklearn")  # found, not imported (slow)
+    if spec is None or spec.origin is None:
         return []
-    source = Path(sklearn.datasets.__file__).parent / "images"
+    source = Path(spec.origin).parent / "datasets" / "images"
     paths = []
     for jpg in sorted(source.glob("*.jpg")):
         paths.append(directory / jpg.name)

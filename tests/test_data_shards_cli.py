@@ -17,7 +17,7 @@ def test_help_explains_every_option(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for option in ("--captions", "--out", "--shard-size", "--modality", "--prefix", "--file-column",
-                   "--caption-column", "--tag-column", "--no-verify", "--check"):
+                   "--caption-column", "--tag-column", "--no-verify", "--check", "--max-listed"):
         assert option in out
 
 
@@ -93,3 +93,62 @@ def test_bad_arguments_are_explained(tmp_path, capsys):
     (tmp_path / "c.csv").write_text("path,text\na.jpg,x\n")
     with pytest.raises(SystemExit, match="needs columns 'file' and 'caption'"):
         main([str(tmp_path), "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")])
+
+
+def test_modality_is_inferred_and_every_left_out_file_is_named(tmp_path, capsys):
+    media = tmp_path / "clips"
+    media.mkdir()
+    rows = []
+    for i in range(3):
+        (media / f"c{i}.flac").write_bytes(audio_bytes(0.3, 16000, "FLAC", seed=i))
+        rows.append({"file": f"c{i}.flac", "caption": f"dog {i}"})
+    (media / "bad.wav").write_bytes(b"RIFF but not audio")
+    rows += [{"file": "bad.wav", "caption": "bad"}, {"file": "gone.mp3", "caption": "gone"},
+             {"file": "c0.flac", "caption": ""}, {"file": "notes.txt", "caption": "text"}]
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["file", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    assert main([str(media), "--captions", str(tmp_path / "c.csv"), "--out", str(out), "--max-listed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "modality: audio (inferred from the files: 4 .flac, 1 .mp3, 1 .wav" in printed  # c0 twice
+    assert "wrote 3 samples in 1 shards" in printed
+    assert "  bad.wav (line 5): corrupt_audio: " in printed
+    assert "  gone.mp3 (line 6): unreadable file: No such file or directory" in printed
+    assert "  c0.flac (line 7): missing_caption: empty caption" in printed
+    assert "notes.txt" not in printed and "... and 1 more" in printed  # --max-listed 3 of 4
+    with open(out / "left_out.csv", newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert [(r["file"], r["line"]) for r in listed] == [("bad.wav", "5"), ("gone.mp3", "6"), ("c0.flac", "7"),
+                                                       ("notes.txt", "8")]
+    assert listed[3]["reason"] == "not an audio file: extension not one of flac|wav|mp3|ogg|opus"
+    # A clean rerun into the same folder drops the stale list.
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        f.write("file,caption\nc1.flac,dog\n")
+    assert main([str(media), "--captions", str(tmp_path / "c.csv"), "--out", str(out)]) == 0
+    assert not (out / "left_out.csv").exists()
+
+
+def test_modality_that_cannot_be_inferred_is_asked_for(tmp_path, capsys):
+    (tmp_path / "c.csv").write_text("file,caption\na.jpg,x\nb.flac,y\n")
+    assert main([str(tmp_path), "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "image files (1 .jpg) and audio files (1 .flac)" in err and "give --modality image or --modality audio" in err
+    (tmp_path / "c.csv").write_text("file,caption\na.txt,x\n")
+    assert main([str(tmp_path), "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "no file in the table has an image (" in capsys.readouterr().err
+
+
+def test_check_names_unreadable_shards_and_bad_samples(tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.mkdir()
+    samples = image_samples(0, 3)
+    samples[2]["jpg"] = b"broken"
+    write_tar(out / "shards-0000.tar", samples)
+    missing = out / "shards-0001.tar"
+    assert main(["--check", str(out / "shards-{0000..0001}.tar")]) == 1
+    printed = capsys.readouterr().out
+    assert "unreadable_shard: 1" in printed and "corrupt_image: 1" in printed
+    assert f"  unreadable_shard: {missing}: [Errno 2] No such file or directory" in printed
+    assert f"  corrupt_image: {out / 'shards-0000.tar'} sample 000002: " in printed
