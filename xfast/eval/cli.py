@@ -11,7 +11,7 @@ import torch
 
 from xfast.config import ConfigError
 from xfast.eval import runner
-from xfast.eval.plots import plot_alignment_uniformity, plot_recall_curves
+from xfast.eval.plots import plot_alignment_uniformity, plot_recall_curves, plot_training_curves
 
 MODEL_CONFIG = "xfast_config.json"  # written by xfast.models' save_pretrained
 RECALL_CURVE_MAX_K = 50
@@ -116,6 +116,19 @@ def load_checkpoint(path: str, device: str):
             data_config = json.loads(run_config.read_text()).get("data")
             break
     return model, tokenizer, data_config
+
+
+def run_metrics(path: str) -> Path | None:
+    """The training run's metrics.jsonl for --ckpt (a run folder or its final/ export), if any."""
+    p = Path(path)
+    for candidate in (p / "metrics.jsonl", p.parent / "metrics.jsonl"):
+        if candidate.is_file() and (candidate.parent / "final" == p or candidate.parent == p):
+            return candidate
+    return None
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def read_data_config(path: str) -> dict:
@@ -233,6 +246,10 @@ def run(args) -> int:
             }
     if args.task == "geometry":
         written.append(plot_alignment_uniformity(results, out / "geometry_alignment_uniformity.png"))
+    for name, ckpt in zip(names, args.ckpt):
+        history = run_metrics(ckpt)
+        if history is not None:
+            written.append(plot_training_curves(history, out / f"training_curves_{_file_safe(name)}.png"))
     written[0].write_text(json.dumps(record, indent=2))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

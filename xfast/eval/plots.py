@@ -1,10 +1,11 @@
-"""PNG plots of evaluation results.
+"""PNG plots of evaluation results and of a run's training curves (metrics.jsonl).
 
 Figures are drawn on matplotlib.figure.Figure (Agg canvas) without pyplot, so no display is
 needed and a notebook's pyplot backend is left alone.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,4 +76,56 @@ def plot_recall_curves(ranks: Mapping[str, RetrievalRanks], path: str | Path, *,
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a run's metrics.jsonl; a step logged twice (a resumed run) keeps its last row per kind."""
+    rows: dict[tuple[int, bool], dict] = {}
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a last line cut short by a crash
+            raise ValueError(f"{path}:{number}: not a JSON line") from None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows[(row["step"], any(k.startswith("eval/") for k in row))] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path:
+    """Loss (and its parts), logit scale and evaluation recall@K against step, from metrics.jsonl."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not train and not evals:
+        raise ValueError(f"{metrics_path}: no training or evaluation rows to plot")
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "/R@" in k}) or \
+        sorted({k for r in evals for k in r if k.startswith("eval/")})
+    panels = [("loss", [k for k in ("loss",) if any(k in r for r in train)] +
+               sorted({k for r in train for k in r if k.startswith("loss/")}), train),
+              ("logit scale", ["logit_scale"] if any("logit_scale" in r for r in train) else [], train),
+              ("evaluation", eval_keys, evals)]
+    panels = [p for p in panels if p[1]]
+    fig = Figure(figsize=(5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys, source) in zip(axes, panels):
+        for i, key in enumerate(keys):
+            points = [(r["step"], r[key]) for r in source if isinstance(r.get(key), (int, float))]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=key.removeprefix("eval/"), color=f"C{i % 10}",
+                        marker="o" if source is evals else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     return path

@@ -115,6 +115,14 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, preprocessing: dict | 
     return kind or "xfast"
 
 
+def preprocessing_from_data(data) -> dict:
+    """The preprocessing a run trained with, from its parsed "data" section (xfast.data.DataConfig)."""
+    out = {"text": {"max_length": data.text.max_length}}
+    if data.modality in ("image", "audio"):
+        out[data.modality] = to_dict(getattr(data, data.modality))
+    return out
+
+
 def resolve_preprocessing(model, preprocessing: dict | None) -> dict:
     """Text max_length and the media front end, validated; falls back on model.preprocessing."""
     from xfast.data.config import AudioConfig, ImageConfig
