@@ -101,7 +101,14 @@ def test_clap_export_loads_as_clapmodel_and_runs_the_zero_shot_pipeline(tmp_path
     scores = pipeline("zero-shot-audio-classification", model=str(out), device="cpu")(
         waves, candidate_labels=CLASSES)
     got = torch.tensor([[next(s["score"] for s in row if s["label"] == c) for c in CLASSES] for row in scores])
-    want = xfast.load(out).zeroshot(waves, CLASSES, ["This is a sound of {}."])
+    loaded = xfast.load(out)
+    want = loaded.zeroshot(waves, CLASSES, ["This is a sound of {}."])
+    import soundfile
+    soundfile.write(tmp_path / "a.wav", waves[1], 16000, subtype="FLOAT")
+    torch.testing.assert_close(loaded.encode_audio([tmp_path / "a.wav"]), loaded.encode_audio([waves[1]]),
+                               rtol=0, atol=0)
+    # a waveform at another rate is resampled to the model's
+    assert loaded.encode_audio([waves[0][::2]], sample_rate=8000).shape == (1, 16)
     # ClapFeatureExtractor computes the same log-mel in numpy, xfast in float32 torch: the dB values
     # differ by float32 rounding, which moves the probabilities by ~1e-7 (seen: 4.5e-7); a front-end
     # or weight mismatch moves them by their spread (~4e-2 here).

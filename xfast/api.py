@@ -12,6 +12,7 @@ xfast's evaluation pipeline applies it (centre crop; first clip_length seconds, 
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -108,7 +109,8 @@ class Embedder:
             for i, x in enumerate(audios[start:start + batch_size]):
                 if isinstance(x, (str, os.PathLike, bytes)):
                     data = x if isinstance(x, bytes) else Path(x).read_bytes()
-                    waves.append(_decoded(transform, data, f"audios[{start + i}]"))
+                    ext = None if isinstance(x, bytes) else Path(x).suffix.lstrip(".").lower() or None
+                    waves.append(_decoded(functools.partial(transform, ext=ext), data, f"audios[{start + i}]"))
                     continue
                 wave = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
                 if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
