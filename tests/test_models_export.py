@@ -168,3 +168,17 @@ def test_load_takes_sources_directly_and_checks_inputs(tmp_path, tok):
     model.model.save_pretrained(exported)
     torch.testing.assert_close(xfast.load(exported).encode_text(CAPTIONS[:3]), model.encode_text(CAPTIONS[:3]),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,media", [("clip", "images"), ("clap", "audio")])
+def test_finetune_templates_validate_against_a_source(tmp_path, tok, monkeypatch, kind, media):
+    from xfast.training import demo_data
+    from xfast.training.config import load_config
+    root = tmp_path / "demo"
+    demo_data.generate(root, train=4, test=4, sentences=4, seed=0)
+    monkeypatch.setenv("XFAST_INIT_FROM", str(_source(tmp_path, kind, tok)))
+    monkeypatch.setenv("XFAST_TRAIN_SHARDS", str(root / media / "train"))
+    monkeypatch.setenv("XFAST_EVAL_SHARDS", str(root / media / "test"))
+    cfg = load_config(f"finetune_{kind}")
+    assert cfg.model.init_from == str(tmp_path / f"{kind}_source") and cfg.model.embed_dim == 16
+    assert cfg.model.text.tokenizer == cfg.model.init_from
