@@ -170,3 +170,24 @@ def test_plots_refuse_missing_data(tmp_path):
         plot_alignment_uniformity({"a": {"text/uniformity": -2.0}}, tmp_path / "g.png")
     with pytest.raises(ValueError, match="ranks is empty"):
         plot_recall_curves({}, tmp_path / "r.png")
+
+
+def test_a_pretrained_source_evaluates_directly_and_a_run_gets_its_training_curves(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from hf_sources import clip_model
+    from xfast.models import load_tokenizer
+    source = tmp_path / "clip"  # a transformers CLIPModel folder, as downloaded, before any fine-tuning
+    clip_model(vocab_size=80).save_pretrained(source)
+    load_tokenizer(checkpoints["export"]).save_pretrained(source)
+    assert cli.main(["--ckpt", str(source), "--task", "sts", "--data", checkpoints["sts"], "--out", str(tmp_path / "a"),
+                     "--no-progress", "--device", "cpu"]) == 0
+    assert "spearman" in capsys.readouterr().out
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints["export"], run / "final", dirs_exist_ok=True)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 0, "eval/v/text_to_image/R@1": 0.1}, {"step": 5, "loss": 2.0, "logit_scale": 14.0},
+        {"step": 10, "loss": 1.0, "logit_scale": 15.0}, {"step": 10, "eval/v/text_to_image/R@1": 0.4})))
+    assert cli.main(["--ckpt", str(run), "--task", "sts", "--data", checkpoints["sts"], "--out", str(tmp_path / "b"),
+                     "--no-progress", "--device", "cpu", "--name", "mine"]) == 0
+    assert (tmp_path / "b" / "training_curves_mine.png").read_bytes()[:4] == b"\x89PNG"

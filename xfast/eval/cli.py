@@ -106,7 +106,18 @@ def load_checkpoint(path: str, device: str):
     """(model, tokenizer, raw data section or None) for an export or a run folder."""
     from xfast.models import load_pretrained, load_tokenizer
 
-    model_dir = resolve_model_dir(path)
+    try:
+        model_dir = resolve_model_dir(path)
+    except ValueError as err:
+        from xfast.config import ConfigError
+        from xfast.models.sources import detect
+        try:
+            detect(path)
+        except ConfigError:
+            raise err from None
+        from xfast.api import load
+        model = load(path, device=device).model  # a pretrained source as is, e.g. before fine-tuning
+        return model, model.tokenizer or load_tokenizer(path), None
     model = load_pretrained(str(model_dir), map_location=device)
     model.to(device)
     tokenizer = getattr(model, "tokenizer", None) or load_tokenizer(str(model_dir))
