@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,22 @@ import pytest
 from xfast.eval.plots import plot_training_curves, read_metrics
 from xfast.training import logging as train_logging
 from xfast.training.logging import TrainLogger
+
+
+@pytest.fixture(autouse=True)
+def restore_progress_bars(monkeypatch):
+    """TrainLogger turns library bars off process-wide when not on a terminal; undo that after each test."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    try:
+        from deepspeed.utils import zero_to_fp32
+        monkeypatch.setattr(zero_to_fp32, "tqdm", zero_to_fp32.tqdm)
+    except ImportError:
+        pass
+    yield
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()
+    enable_progress_bars()
 
 
 class FileLike(io.StringIO):
@@ -46,14 +63,21 @@ def test_a_file_gets_plain_lines_at_a_low_rate(tmp_path, monkeypatch):
     assert many.count("train: step") == 50 and "\r" not in many
 
 
-def test_a_terminal_gets_the_bar_and_the_switch_silences_everything(tmp_path, monkeypatch):
-    assert "\r" in _run(Terminal(), tmp_path=tmp_path)
-    monkeypatch.setenv("TQDM_DISABLE", "")
-    assert _run(Terminal(), progress_bar=False, tmp_path=tmp_path) == ""
-    assert _run(FileLike(), progress_bar=False, tmp_path=tmp_path) == ""
+def test_a_terminal_gets_the_bar_and_the_switch_silences_everything(tmp_path):
+    from deepspeed.utils import zero_to_fp32
     from transformers.utils import logging as hf_logging
+    assert "\r" in _run(Terminal(), tmp_path=tmp_path)
+    assert hf_logging.is_progress_bar_enabled() and "TQDM_DISABLE" not in os.environ
+    assert _run(Terminal(), progress_bar=False, tmp_path=tmp_path) == ""
+    assert not hf_logging.is_progress_bar_enabled() and os.environ["TQDM_DISABLE"] == "1"
+    assert zero_to_fp32.tqdm(range(3), file=io.StringIO()).disable
+    assert _run(FileLike(), progress_bar=False, tmp_path=tmp_path) == ""
+
+
+def test_off_a_terminal_the_libraries_bars_are_off_too(tmp_path):
+    from transformers.utils import logging as hf_logging
+    _run(FileLike(), tmp_path=tmp_path)
     assert not hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()
 
 
 SCRIPT = textwrap.dedent("""

@@ -69,6 +69,16 @@ def quiet_progress_bars() -> None:
         pass
 
 
+def setup_output(progress_bar: bool, stream=None) -> bool:
+    """Call first thing in a training process: warnings once; the libraries' bars off unless
+    progress_bar is on and `stream` (default stderr) is a terminal. Returns whether bars are drawn."""
+    quiet_repeated_warnings()
+    drawn = progress_bar and is_terminal(stream if stream is not None else sys.stderr)
+    if not drawn:
+        quiet_progress_bars()
+    return drawn
+
+
 def is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:
@@ -84,9 +94,7 @@ class TrainLogger:
                  tensorboard: bool, progress_bar: bool, stream=None):
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        quiet_repeated_warnings()
-        if not progress_bar:
-            quiet_progress_bars()
+        setup_output(progress_bar and enabled, self.stream)
         terminal = is_terminal(self.stream)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=self.stream,
                         dynamic_ncols=True, disable=not (enabled and progress_bar and terminal))
