@@ -4,7 +4,8 @@ The weights are renamed with xfast.models.sources' tables (the inverse of model.
 export loads back through init_from unchanged. The processor files carry xfast's preprocessing:
 CLIPImageProcessor resizes the shorter side and centre-crops as xfast's evaluation transform does
 (xfast crops and resizes in one Pillow call, so pixels can differ slightly at the borders of
-non-square images); ClapFeatureExtractor ("rand_trunc", slaney mel) computes xfast's log-mel.
+non-square images); ClapFeatureExtractor ("rand_trunc", slaney mel) computes xfast's log-mel
+(for clips longer than the model's duration it takes a random window, xfast's evaluation the start).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 
 from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig, CLIPConfig,
                           CLIPImageProcessor, CLIPModel)
+
+from transformers.utils import logging as hf_logging
 
 from xfast.models.sources import _ROBERTA_KEYS, to_hf_state_dict
 
@@ -56,10 +59,14 @@ def write_hf_model(model, out_dir: str, kind: str, preprocessing: dict) -> dict:
     media = preprocessing.get(model.modality)
     if kind == "clip":
         size = media["size"]
-        CLIPImageProcessor(do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
-                           crop_size={"height": size, "width": size}, resample=3 if media["interpolation"] == "bicubic" else 2,
-                           do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=media["mean"],
-                           image_std=media["std"], do_convert_rgb=True).save_pretrained(out_dir)
+        # Written as the standard CLIPImageProcessor (what every transformers version loads); without
+        # torchvision transformers warns that it would pick its PIL backend, which is what it runs here.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            _clip_image_processor(size, media).save_pretrained(out_dir)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     elif media is None:
         notes["feature_extractor"] = "not written: no audio front end known (pass preprocessing={'audio': ...})"
     elif (media["mel_scale"], media["mel_norm"]) != ("slaney", "slaney"):
@@ -75,3 +82,11 @@ def write_hf_model(model, out_dir: str, kind: str, preprocessing: dict) -> dict:
             return_attention_mask=False, frequency_min=media["fmin"], frequency_max=media["fmax"],
             truncation="rand_trunc", padding=media["padding"]).save_pretrained(out_dir)
     return notes
+
+
+def _clip_image_processor(size: int, media: dict) -> CLIPImageProcessor:
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
+                              crop_size={"height": size, "width": size},
+                              resample=3 if media["interpolation"] == "bicubic" else 2, do_rescale=True,
+                              rescale_factor=1 / 255, do_normalize=True, image_mean=media["mean"],
+                              image_std=media["std"], do_convert_rgb=True)
