@@ -1,6 +1,7 @@
 """Run-config validation, --set overrides, built-in lookup, CLI help; the demo data generator."""
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -53,7 +54,7 @@ def test_valid_config_loads_and_round_trips(base, tmp_path):
     (lambda r: r["deepspeed"].update(zero_stage=4), "deepspeed.zero_stage: 4 is not allowed; choose one of 0, 1, 2, 3"),
     (lambda r: r["deepspeed"].update(precision="fp16"), "deepspeed.precision: 'fp16' is not allowed"),
     (lambda r: r["deepspeed"].update(precision="bf16", zero_stage=0), "deepspeed.precision: bf16 needs zero_stage >= 1"),
-    (lambda r: r["train"].update(warmup_steps=5000), "train.warmup_steps: must be in [0, train.steps=2000)"),
+    (lambda r: r["train"].update(warmup_steps=5000), "train.warmup_steps: 5000 does not fit in train.steps=2000"),
     (lambda r: r["data"].update(modality="audio"), "data.modality: must match the model's media tower 'image'"),
     (lambda r: r["deepspeed"].update(extra={"optimizer": {"type": "AdamW"}}), "deepspeed.extra.optimizer: set by the trainer"),
     (lambda r: r["deepspeed"].update(extra={"zero_optimization": {"stage": 3}}), "deepspeed.extra.zero_optimization.stage"),
@@ -64,7 +65,7 @@ def test_valid_config_loads_and_round_trips(base, tmp_path):
     (lambda r: r["eval"]["tasks"]["demo_test"].update(task="retrievl"), "eval.tasks.demo_test.task: 'retrievl' is not a task"),
     (lambda r: r["data"].update(batch_size=1), "data.batch_size: a contrastive batch needs >= 2"),
     (lambda r: r["model"]["text"].update(tokenizer="$NO_SUCH_VARIABLE_X/tok"),
-     "model.text.tokenizer: environment variable $NO_SUCH_VARIABLE_X is not set"),
+     "$NO_SUCH_VARIABLE_X  used by model.text.tokenizer"),
 ])
 def test_config_errors_name_the_key(base, edit, message):
     raw, write = base
@@ -127,9 +128,15 @@ def test_builtin_configs_resolve_and_validate(demo_root, monkeypatch, tmp_path):
     clip, clap = load_config("clip"), load_config("clap")
     assert clip.model.image.type == "clip_vision" and clip.deepspeed.precision == "bf16"
     assert clap.model.audio.type == "htsat" and clap.train.tower_lr == {"text": 2e-5}
+    # Every unset variable in one message, each with the keys using it and what it is for.
     monkeypatch.delenv("XFAST_TRAIN_SHARDS")
-    with pytest.raises(ConfigError, match=r"data.sources\[0\].urls: environment variable \$XFAST_TRAIN_SHARDS"):
+    monkeypatch.delenv("XFAST_EVAL_SHARDS")
+    with pytest.raises(ConfigError) as err:
         load_config("clip")
+    message = str(err.value)
+    assert message.startswith("2 environment variable(s) not set")
+    assert re.search(r"\$XFAST_TRAIN_SHARDS  used by data.sources\[0\].urls\n +training shards: ", message)
+    assert re.search(r"\$XFAST_EVAL_SHARDS  used by eval.tasks.val.data\n +held-out shards", message)
     with pytest.raises(ConfigError, match="neither a file nor a built-in config; built-ins: .*demo_clap_tiny"):
         resolve_config_path("no_such_config")
 

@@ -30,16 +30,12 @@ if __name__ == "__main__" and not __package__:
     # xfast's own modules (config, data, models, ...) would shadow top-level ones of that name.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch
-import torch.distributed as dist
-
+# Only torch-free modules here: configs are validated (and --list-configs answers) before torch,
+# transformers or DeepSpeed is imported, so a config error takes a fraction of a second.
 from xfast.config import ConfigError, to_dict
-from xfast.training.config import (TrainConfig, builtin_configs, check_data_fits_model, describe_config,
+from xfast.training.config import (TrainConfig, builtin_descriptions, check_data_fits_model, describe_config,
                                    load_config, save_config)
-from xfast.training.engine import comm_device
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
+from xfast.training.run_dir import ResumePlan, archive_config, plan_resume
 
 
 def parse_args(argv):
@@ -52,9 +48,12 @@ def parse_args(argv):
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override one config key, e.g. --set train.lr=1e-4 --set deepspeed.zero_stage=3 "
                              "(VALUE is parsed as JSON when it can be, else taken as a string); repeatable")
-    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (every check that needs no model: keys, sizes against the towers' "
+                             "HF configs and the shards' sizes.json, resuming OUTPUT), print it resolved, and exit; "
+                             "WORLD_SIZE sets the ranks assumed (default 1)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with type, default, help")
-    parser.add_argument("--list-configs", action="store_true", help="list the built-in configs")
+    parser.add_argument("--list-configs", action="store_true", help="list the built-in configs with a line on each")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     args = parser.parse_args(argv)
@@ -70,28 +69,67 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}\n    {kind} = {default}\n    {text}".rstrip())
         return 0
     if args.list_configs:
-        print("\n".join(builtin_configs()))
+        descriptions = builtin_descriptions()
+        width = max(map(len, descriptions), default=0)
+        print("\n".join(f"{name:<{width}}  {text}" for name, text in descriptions.items()))
         return 0
     try:
         cfg = load_config(args.cfg, args.overrides)
+        plan = plan_resume(cfg)
     except ConfigError as err:
-        print(f"xfast train: config error: {err}", file=sys.stderr)
-        return 2
+        return _config_error(err)
     if args.check:
         print(json.dumps(to_dict(cfg), indent=2))
+        print(f"xfast train: config OK; {_describe_plan(cfg, plan)}", file=sys.stderr)
         return 0
+    if plan is not None and plan.complete:
+        _say(f"xfast train: {_describe_plan(cfg, plan)}")
+        return 0
+    if plan is not None:
+        for warning in plan.warnings:
+            _say(f"xfast train: warning: {warning}")
+        if (plan.warnings or plan.forced) and _rank() == 0:
+            archive_config(cfg.output_dir, plan.step)
     try:
         return train(cfg)
-    except ConfigError as err:  # found once the model is built (data vs model sizes)
-        print(f"xfast train: config error: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:  # found once the model is built ('auto' towers whose config.json omits sizes)
+        return _config_error(err)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(text: str) -> None:
+    """Rank 0 speaks for all (every rank validates the same config)."""
+    if _rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _config_error(err: ConfigError) -> int:
+    _say(f"xfast train: config error: {err}")
+    return 2
+
+
+def _describe_plan(cfg: TrainConfig, plan: ResumePlan | None) -> str:
+    if plan is None:
+        return f"a fresh run in {cfg.output_dir}"
+    if plan.complete:
+        return (f"{cfg.output_dir} is complete (checkpoint at step {plan.step} = train.steps); nothing to train "
+                f"(raise train.steps to continue it)")
+    return f"resumes {cfg.output_dir} from step {plan.step} of {cfg.train.steps}"
 
 
 def train(cfg: TrainConfig) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
     from xfast.models import Objective, build_model
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.checkpoint import CheckpointManager
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, make_deterministic
+    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, make_deterministic, relay_schedule
     from xfast.training.evaluation import run_evaluation
     from xfast.training.logging import TrainLogger
     from xfast.training.streams import EndlessStream, Streams
@@ -106,9 +144,6 @@ def train(cfg: TrainConfig) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     output = Path(cfg.output_dir)
     checkpoints = CheckpointManager(output / "checkpoints", cfg.checkpoint.keep_last, rank, world)
-    if cfg.checkpoint.resume == "never" and checkpoints.tags():
-        raise SystemExit(f"xfast train: {checkpoints.root} already holds checkpoints and checkpoint.resume is "
-                         f"'never': choose another output_dir or delete them")
     if cfg.train.deterministic:
         make_deterministic()
     if rank == 0:
@@ -129,7 +164,7 @@ def train(cfg: TrainConfig) -> int:
             world_size=world, zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
             gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra),
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
-        tower_lr={f"model.{k}": v for k, v in t.tower_lr.items()}, warmup_steps=t.warmup_steps,
+        tower_lr={f"model.{k}": v for k, v in t.tower_lr.items()}, warmup_steps=t.warmup,
         total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
     if cfg.deepspeed.zero_stage == 3:
         task.register_zero3_external_parameters()
@@ -140,9 +175,10 @@ def train(cfg: TrainConfig) -> int:
     streams = Streams({name: EndlessStream(name, c, model.tokenizer, rank=rank, world_size=world)
                        for name, c in named.items() if c is not None})
     step = 0
-    state = checkpoints.load(engine) if cfg.checkpoint.resume == "auto" else None
+    state = checkpoints.load(engine) if cfg.checkpoint.resume != "never" else None
     if state is not None:
         step = state["step"]
+        relay_schedule(engine.lr_scheduler, warmup=t.warmup, total=t.steps, floor=t.min_lr_ratio)
         streams.load_state_dict(state["data"])
     logger = TrainLogger(output, total_steps=t.steps, start_step=step, enabled=rank == 0,
                          tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
@@ -194,6 +230,11 @@ def train(cfg: TrainConfig) -> int:
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    import torch
+    import torch.distributed as dist
+
+    from xfast.training.engine import comm_device
+
     kinds = sorted(counts)
     totals = torch.tensor([counts[k] for k in kinds], dtype=torch.long, device=comm_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -204,6 +245,11 @@ def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
 def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: int) -> None:
     """OUTPUT/run_info.json: world size, ZeRO stage and the parameter elements each rank holds
     (under ZeRO-3 each rank keeps only its partition, ds_tensor, of every parameter)."""
+    import torch
+    import torch.distributed as dist
+
+    from xfast.training.engine import comm_device
+
     params = list(engine.module.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)

@@ -7,10 +7,15 @@
     loader.load_state_dict(state)             # resume mid-epoch
     loader.skip_counts()                      # {"corrupt_image": 3, ...}
 """
-from xfast.data.config import AudioConfig, DataConfig, ImageConfig, SourceConfig, TextConfig
-from xfast.data.pipeline import StreamingLoader, build_loader
-from xfast.data.skips import SKIP_KINDS, DataError
-from xfast.data.sources import expand_urls, read_sizes
+from xfast._lazy import lazy_exports
+
+# Imported on first use, so that the config module loads without torch and webdataset.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["AudioConfig", "DataConfig", "ImageConfig", "SourceConfig", "TextConfig"], "xfast.data.config"),
+    **dict.fromkeys(["StreamingLoader", "build_loader"], "xfast.data.pipeline"),
+    **dict.fromkeys(["SKIP_KINDS", "DataError"], "xfast.data.skips"),
+    **dict.fromkeys(["expand_urls", "read_sizes"], "xfast.data.sources"),
+})
 
 __all__ = ["DataConfig", "SourceConfig", "ImageConfig", "AudioConfig", "TextConfig", "build_loader",
            "StreamingLoader", "DataError", "SKIP_KINDS", "expand_urls", "read_sizes"]

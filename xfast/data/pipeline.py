@@ -327,8 +327,16 @@ class StreamingLoader:
         self._last_skips = self.skip_counts()
         if sum(p["batches"] for p in self._positions) == 0:
             skipped = self._nonzero(self._last_skips)
-            reason = (f"every sample was unusable: {skipped}" if skipped else
-                      "the shards assigned to this rank hold no samples")
+            drawn = [p["drawn"] for p in self._positions]
+            if not any(drawn):
+                reason = "the shards assigned to this rank hold no samples"
+            elif skipped and sum(skipped.values()) >= sum(drawn):
+                reason = f"every sample was unusable: {skipped}"
+            else:  # too few samples per worker: short batches are dropped
+                reason = (f"its {len(drawn)} data worker(s) read {' + '.join(map(str, drawn))} samples"
+                          f"{f' (unusable: {skipped})' if skipped else ''}, fewer than a batch each (data.drop_last "
+                          f"drops short batches); lower data.batch_size or data.num_workers, use fewer ranks, or "
+                          f"add samples")
             raise DataError(f"epoch {self._epoch} gave rank {self.rank} no batch of {self.cfg.batch_size}: {reason}")
         self._epoch += 1
         self._positions = self._fresh_positions()

@@ -20,7 +20,7 @@ import subprocess
 import tarfile
 from typing import Callable, Iterator
 
-from webdataset.shardlists import expand_urls as _wds_expand_urls
+from braceexpand import braceexpand
 
 from xfast.config import ConfigError
 
@@ -43,7 +43,8 @@ def expand_urls(urls: str | list[str], path: str = "urls") -> list[str]:
     items = [urls] if isinstance(urls, str) else list(urls)
     result: list[str] = []
     for item in items:
-        for url in _wds_expand_urls(item):
+        # WebDataset's syntax without importing it (and torch): '::'-separated lists of brace patterns.
+        for url in (expanded for part in item.split("::") for expanded in braceexpand(part)):
             if url.startswith("file:"):
                 url = url[len("file:"):]
             if url.startswith("pipe:"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from xfast.config import ConfigError
-from xfast.eval import runner
+from xfast.eval import runner, tasks
 from xfast.eval.plots import plot_alignment_uniformity, plot_recall_curves, plot_training_curves
 
 MODEL_CONFIG = "xfast_config.json"  # written by xfast.models' save_pretrained
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "export is used); repeat to compare checkpoints (one column / plot point each)")
     p.add_argument("--name", action="append", metavar="NAME",
                    help="label of each --ckpt in the table, JSON and plots, in the same order (default: folder name)")
-    p.add_argument("--task", required=True, choices=sorted(runner.TASKS),
+    p.add_argument("--task", required=True, choices=sorted(tasks.TASKS),
                    help="zeroshot: top-1/top-5 accuracy from class-name prompts; retrieval: both directions; "
                         "sts: Spearman/Pearson of cosine vs gold scores; geometry: alignment/uniformity/gaps")
     p.add_argument("--data", required=True, metavar="PATH",

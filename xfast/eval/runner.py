@@ -1,7 +1,7 @@
 """Evaluation tasks on a model: what `xfast eval` and the trainer's periodic hook run.
 
 A task is a dict with "task" (zeroshot | retrieval | sts | geometry), "data" and options; see
-the dataclasses below (parsed strictly with xfast.config.parse, so unknown keys are errors).
+the dataclasses in xfast.eval.tasks (parsed strictly with xfast.config.parse, so unknown keys are errors).
 `evaluate(model, tokenizer, {"clotho": {"task": "retrieval", "data": "clotho-test-{0..3}.tar"}})`
 returns {"clotho/text_to_audio/R@1": ..., ...}.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from xfast.config import ConfigError, parse
+from xfast.config import parse
 from xfast.eval.encode import (
     classnames_from_labels,
     embed_eval_set,
@@ -30,72 +30,8 @@ from xfast.eval.encode import (
 from xfast.eval.geometry import alignment, geometry_metrics, uniformity
 from xfast.eval.retrieval import RetrievalRanks, retrieval_ranks, summarize_ranks
 from xfast.eval.sts import read_sts_file, sts_correlation
-from xfast.eval.zeroshot import build_class_embeddings, check_templates, default_templates, zeroshot_classify
-
-STS_SUFFIXES = (".tsv", ".csv", ".txt")
-
-
-@dataclass
-class ZeroShotTask:
-    data: str = field(metadata={"help": "evaluation shards (pattern/list/dir) whose samples carry a label"})
-    classnames: list[str] | str | None = field(default=None, metadata={
-        "help": "class names in label-index order, or a file (.txt one a line, .json, .csv); default: the sorted "
-                "distinct string labels"})
-    templates: list[str] | None = field(default=None, metadata={
-        "help": "prompt templates with '{}' for the class name; default 'a photo of a {}.' (image) or "
-                "'This is a sound of {}.' (audio)"})
-    label_key: str | None = field(default=None, metadata={
-        "help": "field of each sample's .json holding its label (default: the data's text.tag_field, 'tag')"})
-    labels_csv: str | None = field(default=None, metadata={
-        "help": "CSV mapping sample keys to labels (used instead of labels in the shards)"})
-    ks: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "top-k accuracies to report"})
-
-
-@dataclass
-class RetrievalTask:
-    data: str = field(metadata={"help": "evaluation shards with all captions of each item"})
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "recall cut-offs"})
-    map_k: int = field(default=10, metadata={"help": "cut-off of mAP"})
-
-
-TEXT_SPACE_HELP = ("text embeddings compared: 'sentence' = the language encoder's pooled output before "
-                   "projection (model.sentence_embedding), 'joint' = the shared space (model.encode_text)")
-
-
-@dataclass
-class STSTask:
-    data: str = field(metadata={"help": "TSV/CSV of sentence1, sentence2, score (STS-B / SICK-R layout)"})
-    space: Literal["sentence", "joint"] = field(default="sentence", metadata={"help": TEXT_SPACE_HELP})
-
-
-@dataclass
-class GeometryTask:
-    data: str = field(metadata={
-        "help": "evaluation shards (media + captions), or an STS file (.tsv/.csv/.txt) for the text space alone"})
-    sts_positive_threshold: float = field(default=4.0, metadata={
-        "help": "STS file: pairs scoring at least this are the positives of text alignment (SimCSE's analysis)"})
-    space: Literal["sentence", "joint"] = field(default="sentence", metadata={
-        "help": f"STS file only: {TEXT_SPACE_HELP} (shards always use the joint space)"})
-
-
-TASKS: dict[str, type] = {"zeroshot": ZeroShotTask, "retrieval": RetrievalTask, "sts": STSTask, "geometry": GeometryTask}
-
-
-def parse_task(raw: dict, path: str):
-    """A task dataclass from {"task": kind, ...options}; ConfigError names the bad key."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected an object with a 'task' key, got {type(raw).__name__}")
-    options = dict(raw)
-    kind = options.pop("task", None)
-    if kind not in TASKS:
-        raise ConfigError(f"{path}.task: {kind!r} is not a task; choose one of {', '.join(map(repr, TASKS))}")
-    task = parse(TASKS[kind], options, path)
-    if isinstance(task, ZeroShotTask) and task.templates is not None:
-        try:
-            check_templates(task.templates)
-        except ValueError as err:
-            raise ConfigError(f"{path}.templates: {err}") from None
-    return task
+from xfast.eval.tasks import STS_SUFFIXES, GeometryTask, RetrievalTask, STSTask, ZeroShotTask, parse_task
+from xfast.eval.zeroshot import build_class_embeddings, default_templates, zeroshot_classify
 
 
 @dataclass

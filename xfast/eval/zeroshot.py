@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xfast.eval._checks import check_block, check_index, check_ks, check_matrix, check_same_device, compute_dtype, unit_rows
+from xfast.eval.tasks import check_templates
 
 IMAGE_TEMPLATES = ("a photo of a {}.",)
 AUDIO_TEMPLATES = ("This is a sound of {}.",)
@@ -18,15 +19,6 @@ def default_templates(modality: str) -> tuple[str, ...]:
     if modality == "audio":
         return AUDIO_TEMPLATES
     raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
-
-
-def check_templates(templates: Sequence[str]) -> list[str]:
-    if isinstance(templates, str) or not templates:
-        raise ValueError(f"templates must be a non-empty list of strings, got {templates!r}")
-    for template in templates:
-        if not isinstance(template, str) or "{}" not in template:
-            raise ValueError(f"every template needs a '{{}}' where the class name goes, got {template!r}")
-    return list(templates)
 
 
 def check_classnames(classnames: Sequence[str]) -> list[str]:

@@ -11,11 +11,16 @@
 Saved models (model.save_pretrained(dir)) load back with load_pretrained(dir); dir/text is a
 plain HF (and sentence-transformers) sentence encoder, see xfast.models.io.
 """
-from xfast.models.config import ModelConfig, ObjectiveConfig, SimCSEConfig, TowerConfig
-from xfast.models.io import load_pretrained
-from xfast.models.model import ContrastiveModel, build_model
-from xfast.models.objective import Objective
-from xfast.models.tokenizer import load_tokenizer, train_tokenizer
+from xfast._lazy import lazy_exports
+
+# Imported on first use, so that the config modules load without transformers.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["ModelConfig", "ObjectiveConfig", "SimCSEConfig", "TowerConfig"], "xfast.models.config"),
+    "load_pretrained": "xfast.models.io",
+    **dict.fromkeys(["ContrastiveModel", "build_model"], "xfast.models.model"),
+    "Objective": "xfast.models.objective",
+    **dict.fromkeys(["load_tokenizer", "train_tokenizer"], "xfast.models.tokenizer"),
+})
 
 __all__ = ["ModelConfig", "TowerConfig", "ObjectiveConfig", "SimCSEConfig", "ContrastiveModel", "build_model",
            "load_pretrained", "Objective", "load_tokenizer", "train_tokenizer"]

@@ -130,12 +130,19 @@ class ModelConfig:
                               f"got {self.logit_scale_max}")
         for modality, tower in self.towers().items():
             _validate_tower(tower, modality, f"{path}.{modality}", from_source=source is not None)
-        # Dims are checked against the HF configs the towers will be built from (no weights made).
-        from xfast.models.towers import hf_config
-        for modality, tower in self.towers().items():
-            base = source.towers()[modality].config if source is not None else None
-            _validate_dims(tower, hf_config(tower, f"{path}.{modality}", base=base), self.embed_dim,
-                           f"{path}.{modality}", f"{path}.embed_dim")
+        # Dims are checked against the HF configs the towers will be built from, read as plain
+        # dicts (no transformers import unless init_from, no weights).
+        for modality, config in self.tower_configs(path, source).items():
+            _validate_dims(self.towers()[modality], config, self.embed_dim, f"{path}.{modality}", f"{path}.embed_dim")
+
+    def tower_configs(self, path: str = "model", source=None) -> dict[str, dict]:
+        """{modality: the HF config attributes its tower is built with} (hf_configs.tower_config)."""
+        from xfast.models.hf_configs import tower_config
+        if source is None and self.init_from is not None:
+            source = self.source(path)
+        return {modality: tower_config(tower, f"{path}.{modality}",
+                                       base=source.towers()[modality].config.to_dict() if source is not None else None)
+                for modality, tower in self.towers().items()}
 
     def source(self, path: str = "model"):
         """The init_from model's description (configs only, no weights), or None."""
@@ -212,36 +219,40 @@ def _validate_tower(tower: TowerConfig, modality: str, path: str, from_source: b
             raise ConfigError(f"{path}.tokenizer: {tower.tokenizer!r} is not a folder")
 
 
-def _validate_dims(tower: TowerConfig, config, embed_dim: int, path: str, embed_key: str) -> None:
-    hidden = config.hidden_size
+def _validate_dims(tower: TowerConfig, config: dict, embed_dim: int, path: str, embed_key: str) -> None:
+    """Sizes in the tower's HF config (hf_configs.tower_config); a check whose keys the config does
+    not state ('auto' towers of an unknown model_type) is left to the model build."""
+    hidden = config.get("hidden_size")
     if tower.type == "htsat":
-        merged = config.patch_embeds_hidden_size * 2 ** (len(config.depths) - 1)
+        depths, heads = config["depths"], config["num_attention_heads"]
+        merged = config["patch_embeds_hidden_size"] * 2 ** (len(depths) - 1)
         if hidden != merged:
             raise ConfigError(f"{path}.overrides.hidden_size: htsat needs hidden_size == patch_embeds_hidden_size * "
                               f"2**(len(depths)-1) = {merged}, got {hidden}")
-        if len(config.num_attention_heads) != len(config.depths):
+        if len(heads) != len(depths):
             raise ConfigError(f"{path}.overrides.num_attention_heads: one head count per stage "
-                              f"({len(config.depths)} depths), got {config.num_attention_heads}")
-        for stage, heads in enumerate(config.num_attention_heads):
-            dim = config.patch_embeds_hidden_size * 2 ** stage
-            if dim % heads:
+                              f"({len(depths)} depths), got {heads}")
+        for stage, count in enumerate(heads):
+            dim = config["patch_embeds_hidden_size"] * 2 ** stage
+            if dim % count:
                 raise ConfigError(f"{path}.overrides.num_attention_heads: stage {stage} width {dim} is not "
-                                  f"divisible by {heads} heads")
-        if config.enable_fusion:
+                                  f"divisible by {count} heads")
+        if config["enable_fusion"]:
             raise ConfigError(f"{path}.overrides.enable_fusion: not supported; the audio tower takes one log-mel "
                               f"channel [B, 1, frames, n_mels]")
-        if config.spec_size % config.num_mel_bins:
-            raise ConfigError(f"{path}.overrides.num_mel_bins: htsat needs spec_size ({config.spec_size}) to be a "
-                              f"multiple of num_mel_bins ({config.num_mel_bins})")
-    elif isinstance(getattr(config, "num_attention_heads", None), int) and hidden % config.num_attention_heads:
+        if config["spec_size"] % config["num_mel_bins"]:
+            raise ConfigError(f"{path}.overrides.num_mel_bins: htsat needs spec_size ({config['spec_size']}) to be a "
+                              f"multiple of num_mel_bins ({config['num_mel_bins']})")
+    elif isinstance(config.get("num_attention_heads"), int) and hidden is not None \
+            and hidden % config["num_attention_heads"]:
         raise ConfigError(f"{path}.overrides.hidden_size: {hidden} is not divisible by num_attention_heads "
-                          f"({config.num_attention_heads})")
-    if tower.projection == "none" and hidden != embed_dim:
+                          f"({config['num_attention_heads']})")
+    if tower.projection == "none" and hidden is not None and hidden != embed_dim:
         raise ConfigError(f"{path}.projection: 'none' needs the tower's hidden size ({hidden}) to equal "
                           f"{embed_key} ({embed_dim}); use 'linear' or 'mlp'")
-    if tower.gradient_checkpointing:
-        from xfast.models.towers import model_class
-        if not model_class(tower, config).supports_gradient_checkpointing:
+    if tower.gradient_checkpointing and tower.type != "auto":
+        from xfast.models.hf_configs import class_defaults
+        if not class_defaults()[tower.type]["supports_gradient_checkpointing"]:
             raise ConfigError(f"{path}.gradient_checkpointing: the HF {tower.type!r} model does not support it")
 
 

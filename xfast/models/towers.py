@@ -26,47 +26,21 @@ from transformers import (MODEL_MAPPING, AutoConfig, ASTConfig, ASTModel, BertCo
 
 from xfast._checks import check_finite
 from xfast.config import ConfigError
+from xfast.models import hf_configs
 from xfast.models.config import POOLINGS, TowerConfig
 from xfast.models.heads import ClsMlp, projection_head
+from xfast.models.hf_configs import MODEL_TYPES, PRESET_OVERRIDES
 
-# type -> (HF config class, HF model class, model_type a pretrained folder must declare)
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], str]] = {
-    "bert": (BertConfig, BertModel, "bert"),
-    "roberta": (RobertaConfig, RobertaModel, "roberta"),
-    "clip_text": (CLIPTextConfig, CLIPTextModel, "clip_text_model"),
-    "vit": (ViTConfig, ViTModel, "vit"),
-    "clip_vision": (CLIPVisionConfig, CLIPVisionModel, "clip_vision_model"),
-    "htsat": (ClapAudioConfig, ClapAudioModel, "clap_audio_model"),
-    "ast": (ASTConfig, ASTModel, "audio-spectrogram-transformer"),
+# type -> (HF config class, HF model class); hf_configs.MODEL_TYPES: the model_type of each.
+ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "bert": (BertConfig, BertModel),
+    "roberta": (RobertaConfig, RobertaModel),
+    "clip_text": (CLIPTextConfig, CLIPTextModel),
+    "vit": (ViTConfig, ViTModel),
+    "clip_vision": (CLIPVisionConfig, CLIPVisionModel),
+    "htsat": (ClapAudioConfig, ClapAudioModel),
+    "ast": (ASTConfig, ASTModel),
 }
-
-_TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-# Tiny text towers share the special-token layout of xfast.models.train_tokenizer:
-# [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
-_TINY_TEXT = dict(_TINY_TRANSFORMER, vocab_size=1000, max_position_embeddings=64, pad_token_id=0)
-PRESET_OVERRIDES: dict[str, dict[str, dict]] = {
-    # "base" starts from the HF class defaults, which are the reference sizes: BERT-base, ViT-B/16,
-    # CLIP ViT-B/32's towers, AST-base and LAION-CLAP's HTSAT; only RoBERTa needs its own numbers.
-    "base": {
-        "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2),
-    },
-    "tiny": {
-        "bert": _TINY_TEXT,
-        "roberta": dict(_TINY_TEXT, max_position_embeddings=66),
-        # CLIP's text transformer has no dropout but attention dropout; SimCSE needs some.
-        "clip_text": dict(_TINY_TEXT, bos_token_id=2, eos_token_id=3, attention_dropout=0.1),
-        "vit": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
-        "clip_vision": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
-        "htsat": dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, patch_embeds_hidden_size=16,
-                      depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, window_size=4,
-                      enable_fusion=False),
-        "ast": dict(_TINY_TRANSFORMER, patch_size=16, num_mel_bins=16, max_length=64, frequency_stride=16,
-                    time_stride=16),
-    },
-}
-# HF config attributes that hold a dropout probability, across the supported architectures.
-DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
 
 
 def hf_config(tower: TowerConfig, path: str, *, base: PretrainedConfig | None = None) -> PretrainedConfig:
@@ -77,7 +51,7 @@ def hf_config(tower: TowerConfig, path: str, *, base: PretrainedConfig | None = 
     elif tower.pretrained is not None:
         config = AutoConfig.from_pretrained(tower.pretrained)
         if tower.type != "auto":
-            expected = ARCHITECTURES[tower.type][2]
+            expected = MODEL_TYPES[tower.type]
             if config.model_type != expected:
                 raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} holds a {config.model_type!r} model but "
                                   f"type {tower.type!r} needs model_type {expected!r} (or use type 'auto' for text)")
@@ -117,6 +91,8 @@ def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None,
     else:
         model = cls(config, **extra)
     if tower.gradient_checkpointing:
+        if not cls.supports_gradient_checkpointing:  # 'auto' towers; the others are checked with the config
+            raise ConfigError(f"{path}.gradient_checkpointing: the HF {cls.__name__} does not support it")
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     return model
@@ -266,21 +242,11 @@ class EncoderTower(nn.Module):
 
     def requirements(self) -> dict:
         """What the data pipeline must produce for this tower (see the module docstring)."""
-        c = self.backbone.config
-        if self.modality == "text":
-            offset = 2 if c.model_type in ("roberta", "xlm-roberta") else 0
-            return {"max_text_length": c.max_position_embeddings - offset}
-        if self.modality == "image":
-            return {"image_size": c.image_size, "num_channels": c.num_channels}
-        if self.type == "htsat":
-            return {"n_mels": c.num_mel_bins, "max_frames": c.spec_size * (c.spec_size // c.num_mel_bins)}
-        return {"n_mels": c.num_mel_bins, "max_frames": c.max_length}
+        return hf_configs.requirements(self.modality, self.type, self.backbone.config.to_dict())
 
     def dropout_probability(self) -> float:
         """Largest dropout probability in the backbone's config (0: two forward passes are identical)."""
-        c = self.backbone.config
-        return max((float(getattr(c, k)) for k in DROPOUT_ATTRIBUTES
-                    if isinstance(getattr(c, k, None), (int, float))), default=0.0)
+        return hf_configs.dropout_probability(self.backbone.config.to_dict())
 
     def _param_device_dtype(self):
         p = next(self.backbone.parameters())

@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from xfast.training.config import demo_data_root
+
 FORMAT_VERSION = 1
 IMAGE_SIZE = 64
 SAMPLE_RATE = 16000
@@ -55,9 +57,7 @@ def sound_combos() -> list[tuple]:
     return [(v, p, s, n, c) for v in LOUDNESS for p in PITCHES for s in SOUNDS for n in LENGTHS for c in COUNTS]
 
 
-def default_root() -> Path:
-    """$XFAST_DEMO_DATA, else ~/.cache/xfast/demo-data."""
-    return Path(os.environ.get("XFAST_DEMO_DATA", Path.home() / ".cache" / "xfast" / "demo-data"))
+default_root = demo_data_root  # $XFAST_DEMO_DATA, else ~/.cache/xfast/demo-data
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, colour) -> None:

@@ -5,7 +5,6 @@ The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer: DeepSp
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from xfast.config import ConfigError
+from xfast.training.run_dir import lr_factor
 
 # Parameters that get no weight decay (open_clip's rule): 1-D tensors (biases, norm gains,
 # logit scale) and anything named like a norm or the temperature.
@@ -114,11 +114,21 @@ class WarmupCosine:
         self.warmup, self.total, self.floor = warmup, total, floor
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr_factor(step, self.warmup, self.total, self.floor)
+
+
+def relay_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, *, warmup: int, total: int, floor: float) -> None:
+    """After a resume: the schedule of the run's current config from the restored step on.
+
+    LambdaLR's state_dict restores the WarmupCosine settings the checkpoint was written with;
+    a run whose train.steps grew would otherwise train its extra steps at the old schedule's
+    end (lr = floor, e.g. 0). xfast.training.run_dir warns about the change before the run starts."""
+    for schedule in scheduler.lr_lambdas:
+        schedule.__init__(warmup, total, floor)
+    for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                     strict=True):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_size: int,

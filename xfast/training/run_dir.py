@@ -1,0 +1,164 @@
+"""A run folder across invocations: what resuming it means, decided before anything starts.
+
+OUTPUT/config.json records the config a run was started with and OUTPUT/checkpoints/latest
+names its newest checkpoint. Before a process group, model or data loader exists (and in
+`xfast train --check`), `plan_resume` compares the two with the new config:
+
+- no checkpoint: a fresh run;
+- keys that change what the run trains differ (model, objective, data, optimizer, seed,
+  DeepSpeed): refused with the list of keys and the two ways out (another output_dir, or
+  checkpoint.resume=force), so two configs never silently continue each other's weights;
+- train.steps (or the warmup) changed: the warmup + cosine schedule is laid over the new total
+  from the checkpoint's step on, and a warning says where the learning rate goes;
+- the checkpoint is already at train.steps: the run is complete; fewer steps than the
+  checkpoint: refused.
+
+Only the keys in NEUTRAL may differ silently: where and how often the run logs, saves and
+evaluates. Reads JSON and folder names only (no torch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xfast.config import ConfigError, to_dict
+
+# Keys (exact, or a section ending in '.') that do not change what a run trains.
+NEUTRAL = ("output_dir", "description", "logging.", "checkpoint.", "eval.")
+NEUTRAL_STREAM_KEYS = ("persistent_workers", "prefetch_factor", "max_consecutive_skips")
+# The schedule's length: may change on resume (the schedule is re-laid, with a warning).
+SCHEDULE = ("train.steps", "train.warmup_steps", "train.warmup_fraction")
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty objects are leaves."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _neutral(key: str) -> bool:
+    if any(key == n or (n.endswith(".") and key.startswith(n)) for n in NEUTRAL):
+        return True
+    section, _, leaf = key.partition(".")
+    return section in ("data", "sentence_data", "nli_data") and leaf in NEUTRAL_STREAM_KEYS
+
+
+def differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every key that differs, NEUTRAL ones excluded."""
+    old, now = flatten(saved), flatten(new)
+    missing = object()
+    out = []
+    for key in sorted(old.keys() | now.keys()):
+        a, b = old.get(key, missing), now.get(key, missing)
+        if a != b and not _neutral(key):
+            out.append((key, None if a is missing else a, None if b is missing else b))
+    return out
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """The learning-rate multiplier of linear warmup then cosine to `floor` (the trainer's schedule)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def checkpoint_step(output_dir: str | Path) -> int | None:
+    """The step of OUTPUT/checkpoints/latest, None without a checkpoint."""
+    pointer = Path(output_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    match = _TAG.match(tag)
+    if match is None or not (pointer.parent / tag).is_dir():
+        return None  # a broken pointer is the checkpoint manager's to report
+    return int(match.group(1))
+
+
+@dataclass
+class ResumePlan:
+    """What starting `cfg` in its output_dir means."""
+    step: int                     # the checkpoint's step (training continues from here)
+    complete: bool = False        # the checkpoint is at train.steps: nothing left to train
+    warnings: list[str] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)   # differing keys accepted by resume=force
+
+
+def plan_resume(cfg) -> ResumePlan | None:
+    """None for a fresh run; else how the run resumes. Raises ConfigError when it must not."""
+    output = Path(cfg.output_dir)
+    step = checkpoint_step(output)
+    if step is None:
+        return None
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        raise ConfigError(f"checkpoint.resume: {output / 'checkpoints'} already holds a checkpoint (step {step}) and "
+                          f"checkpoint.resume is 'never': choose another output_dir or delete them")
+    saved_path = output / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"output_dir: {output} holds a checkpoint (step {step}) but {saved_path} cannot be read "
+                          f"({err}); choose another output_dir, or set checkpoint.resume=force to resume anyway") \
+            from None
+    new = to_dict(cfg)
+    changed = [d for d in differences(saved, new) if d[0] not in SCHEDULE]
+    plan = ResumePlan(step=step)
+    if changed and resume != "force":
+        listing = "\n".join(f"  {key}: {a!r} -> {b!r}" for key, a, b in changed)
+        raise ConfigError(
+            f"output_dir: {output} holds a run (checkpoint at step {step}) whose config differs from this one in "
+            f"{len(changed)} key(s) that change what it trains:\n{listing}\n"
+            f"Resuming would continue that run's weights as this one's. Either give this run its own folder "
+            f"(--set output_dir=...), or resume it anyway with --set checkpoint.resume=force.")
+    plan.forced = [key for key, _, _ in changed]
+    if plan.forced:
+        plan.warnings.append(f"checkpoint.resume=force: resuming {output} at step {step} although "
+                             f"{', '.join(plan.forced)} differ from its config.json")
+    t = cfg.train
+    saved_train = saved.get("train", {})
+    if step > t.steps:
+        raise ConfigError(f"train.steps: {t.steps}, but {output} holds a checkpoint at step {step}: a run cannot be "
+                          f"shortened; use another output_dir (or train.steps >= {step})")
+    if step == t.steps:
+        plan.complete = True
+        return plan
+    old_steps = saved_train.get("steps", t.steps)
+    saved_train = {k: v for k, v in saved_train.items() if k != "steps"}
+    old_warmup = _warmup(saved_train, old_steps)
+    if (old_steps, old_warmup) != (t.steps, t.warmup):
+        floor = t.min_lr_ratio
+        before = lr_factor(step - 1, old_warmup, old_steps, floor) * t.lr
+        after = lr_factor(step, t.warmup, t.steps, floor) * t.lr
+        plan.warnings.append(
+            f"train.steps {old_steps} -> {t.steps} (warmup {old_warmup} -> {t.warmup}): the warmup + cosine schedule "
+            f"is laid over the new total from step {step} on; lr {before:.3g} at the checkpoint -> {after:.3g} at step "
+            f"{step + 1}, decaying to {floor * t.lr:.3g} at step {t.steps}. For a schedule planned over {t.steps} steps "
+            f"from the start, train in another output_dir.")
+    return plan
+
+
+def _warmup(train_section: dict, steps: int) -> int:
+    from xfast.training.config import OptimConfig
+
+    keys = {"steps", "warmup_steps", "warmup_fraction"}
+    return OptimConfig(**{k: v for k, v in train_section.items() if k in keys}, steps=steps).warmup
+
+
+def archive_config(output_dir: str | Path, step: int) -> Path | None:
+    """Keep the config a forced or extended resume replaces, as config.step_<step>.json."""
+    current = Path(output_dir) / "config.json"
+    if not current.is_file():
+        return None
+    target = current.with_name(f"config.step_{step:08d}.json")
+    target.write_text(current.read_text())
+    return target
