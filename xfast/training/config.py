@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,8 +418,8 @@ def load_config(names_or_paths: str | list[str], overrides: list[str] = ()) -> T
             set_dotted(raw, *parse_override(text))
         raw.setdefault("output_dir", f"{RUNS_DIR}/{run_name(names)}")
         return parse(TrainConfig, expand_variables(raw), "config")
-    except ConfigError as err:  # report "train.lr", not "config.train.lr"
-        raise ConfigError(str(err).removeprefix("config.")) from None
+    except ConfigError as err:  # report "train.lr", not "config.train.lr" (also inside the message)
+        raise ConfigError(re.sub(r"(^|[\s(])config\.(?=\w)", r"\1", str(err))) from None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

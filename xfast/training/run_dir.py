@@ -34,11 +34,19 @@ SCHEDULE = ("train.steps", "train.warmup_steps", "train.warmup_fraction")
 _TAG = re.compile(r"^step_(\d+)$")
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # a key one of two configs does not have
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty objects are leaves."""
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}; lists are leaves."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -53,14 +61,14 @@ def _neutral(key: str) -> bool:
 
 
 def differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every key that differs, NEUTRAL ones excluded."""
+    """(key, saved value, new value) for every key that differs (ABSENT where a config lacks it),
+    NEUTRAL ones excluded."""
     old, now = flatten(saved), flatten(new)
-    missing = object()
     out = []
     for key in sorted(old.keys() | now.keys()):
-        a, b = old.get(key, missing), now.get(key, missing)
+        a, b = old.get(key, ABSENT), now.get(key, ABSENT)
         if a != b and not _neutral(key):
-            out.append((key, None if a is missing else a, None if b is missing else b))
+            out.append((key, a, b))
     return out
 
 
