@@ -313,8 +313,14 @@ def test_light_tower_configs_match_transformers(tmp_path):
     """hf_configs (JSON, no transformers) gives the sizes transformers builds every tower with."""
     pytest.importorskip("transformers")
     from xfast.models.config import TowerConfig
-    from xfast.models.hf_configs import (DROPOUT_ATTRIBUTES, MODEL_TYPES, PRESET_OVERRIDES, class_defaults,
-                                         requirements, tower_config)
+    from xfast.models.hf_configs import (
+        DROPOUT_ATTRIBUTES,
+        MODEL_TYPES,
+        PRESET_OVERRIDES,
+        class_defaults,
+        requirements,
+        tower_config,
+    )
     from xfast.models.towers import ARCHITECTURES, hf_config
 
     modality = {"bert": "text", "roberta": "text", "clip_text": "text", "vit": "image", "clip_vision": "image",
@@ -412,3 +418,49 @@ def test_checkpoint_step_reads_the_latest_pointer(tmp_path):
     assert checkpoint_step(tmp_path) is None
     fake_checkpoint(tmp_path, 7)
     assert checkpoint_step(tmp_path) == 7
+
+
+# 1 + 2 end to end: a real run, extended, then another config refused in its folder -----------------
+
+def test_real_run_extended_trains_on_and_another_config_is_refused(tmp_path, demo_root):
+    pytest.importorskip("deepspeed")
+    cfg = {
+        "model": {"text": {"type": "bert", "preset": "tiny", "tokenizer": str(demo_root / "tokenizer")},
+                  "image": {"type": "vit", "preset": "tiny"}, "embed_dim": 16},
+        "data": {"sources": [{"urls": str(demo_root / "images" / "train")}], "modality": "image", "batch_size": 8,
+                 "num_workers": 0, "shuffle_buffer": 8, "image": {"size": 32}, "text": {"max_length": 24}},
+        "train": {"steps": 4, "lr": 2e-3},
+        "deepspeed": {"zero_stage": 2},
+        "logging": {"every_steps": 1, "progress_bar": False, "tensorboard": False},
+        "checkpoint": {"every_steps": 0, "export_fp32": False},
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+
+    def train(*overrides):
+        return subprocess.run([sys.executable, "-m", "xfast.train", "--cfg", str(path),
+                               *(a for o in overrides for a in ("--set", o))],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+    first = train()
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"  # named after the config file
+    assert checkpoint_step(run_dir) == 4
+    again = train()  # complete: nothing to train, exits at once
+    assert again.returncode == 0 and "is complete" in again.stderr
+    extended = train("train.steps=6")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "train.steps 4 -> 6" in extended.stderr
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert rows[4]["lr"] == pytest.approx(0.0, abs=1e-12)  # the 4-step schedule's end
+    # After the resume the schedule runs over 6 steps (warmup 5% of 6 = 0): the lr logged after
+    # step k is the one step k + 1 uses.
+    for step in (5, 6):
+        assert rows[step]["lr"] == pytest.approx(2e-3 * lr_factor(step, 0, 6, 0.0), rel=1e-6)
+    assert rows[5]["lr"] > 1e-5
+    assert (run_dir / "config.step_00000004.json").is_file()
+    other = train("train.steps=6", "objective.contrastive_weight=0.5")
+    assert other.returncode == 2 and "objective.contrastive_weight: 1.0 -> 0.5" in other.stderr
+    assert checkpoint_step(run_dir) == 6

@@ -33,8 +33,14 @@ if __name__ == "__main__" and not __package__:
 # Only torch-free modules here: configs are validated (and --list-configs answers) before torch,
 # transformers or DeepSpeed is imported, so a config error takes a fraction of a second.
 from xfast.config import ConfigError, to_dict
-from xfast.training.config import (TrainConfig, builtin_descriptions, check_data_fits_model, describe_config,
-                                   load_config, save_config)
+from xfast.training.config import (
+    TrainConfig,
+    builtin_descriptions,
+    check_data_fits_model,
+    describe_config,
+    load_config,
+    save_config,
+)
 from xfast.training.run_dir import ResumePlan, archive_config, plan_resume
 
 
@@ -129,7 +135,13 @@ def train(cfg: TrainConfig) -> int:
     from xfast.models import Objective, build_model
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.checkpoint import CheckpointManager
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, make_deterministic, relay_schedule
+    from xfast.training.engine import (
+        build_engine,
+        deepspeed_config,
+        init_distributed,
+        make_deterministic,
+        relay_schedule,
+    )
     from xfast.training.evaluation import run_evaluation
     from xfast.training.logging import TrainLogger
     from xfast.training.streams import EndlessStream, Streams
