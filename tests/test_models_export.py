@@ -179,6 +179,10 @@ def test_finetune_templates_validate_against_a_source(tmp_path, tok, monkeypatch
     monkeypatch.setenv("XFAST_INIT_FROM", str(_source(tmp_path, kind, tok)))
     monkeypatch.setenv("XFAST_TRAIN_SHARDS", str(root / media / "train"))
     monkeypatch.setenv("XFAST_EVAL_SHARDS", str(root / media / "test"))
-    cfg = load_config(f"finetune_{kind}")
+    # Sizes of the tiny source towers (the templates' are the full-size models').
+    fit = (["data.image.size=32"] if kind == "clip" else
+           ['data.audio={"sample_rate": 16000, "duration_s": 1.0, "n_fft": 512, "hop_length": 160, "n_mels": 16, '
+            '"fmin": 50.0, "fmax": 8000.0}'])
+    cfg = load_config(f"finetune_{kind}", ["data.text.max_length=20", *fit])
     assert cfg.model.init_from == str(tmp_path / f"{kind}_source") and cfg.model.embed_dim == 16
     assert cfg.model.text.tokenizer == cfg.model.init_from

@@ -44,7 +44,8 @@ def test_eval_paths_are_checked_before_any_model(demo, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     raw = {"model": {"text": {"type": "bert", "preset": "tiny", "tokenizer": str(demo / "tokenizer")},
                      "image": {"type": "vit", "preset": "tiny"}, "embed_dim": 16},
-           "data": {"sources": [{"urls": str(demo / "images" / "train")}], "modality": "image", "batch_size": 4},
+           "data": {"sources": [{"urls": str(demo / "images" / "train")}], "modality": "image", "batch_size": 4,
+                    "text": {"max_length": 24}, "image": {"size": 32}},  # sizes of the tiny towers
            "eval": {"tasks": {"held_out": {"task": "retrieval", "data": str(demo / "images" / "test")},
                               "sts": {"task": "sts", "data": str(tmp_path / "missing-sts.tsv")}}}}
     cfg_path.write_text(json.dumps(raw))
