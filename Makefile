@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 
 .PHONY: install demo test bench clean
 
-.venv/.installed: setup.py setup.cfg pyproject.toml csrc/*.cpp
+.venv/.installed: setup.py setup.cfg pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel ninja $(TORCH)
 	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)

@@ -1,16 +1,27 @@
-"""Forward+backward time and peak memory of the fused losses on CPU, side by side.
+"""Forward+backward time of the fused CPU losses against their compute floor, and peak memory.
 
-For each loss and batch size N (d = 512 by default) this measures, each in a fresh
-subprocess so peak memory is clean:
-  xfast      the fused CPU backend (tiled C++ kernel, never stores N x N)
-  reference  plain PyTorch materialising the logits (what open_clip / sentence-transformers do)
-  floor      four N x M x d GEMMs: the least work a recompute-in-backward loss does
-Time is the best of --repeat runs; "extra memory" is the growth of the process's peak RSS
-during one forward+backward, after the inputs exist (it includes the N x d gradients).
-Writes benchmarks/results/losses.{json,csv,png} and prints a markdown table.
+For each loss, batch size N and embedding dim d, one subprocess times these methods
+interleaved (xfast, floor, xfast, floor, ...; best of --repeat), so they share the machine's
+state when it is busy:
+  xfast         the fused CPU backend (tiled C++ kernel, never stores N x M)
+  tiled_floor   the same FLOPs as the kernel's four N x M x d GEMMs, done as the kernel does
+                them: 4 * (N/256) * (M/512) GEMMs of 256 x d x 512 into one reused 256 x 512
+                tile per thread (cache-resident outputs, same threads and cells). A loss
+                that recomputes its logits in the backward cannot do less work.
+  materialised  the same four GEMMs with N x M outputs in memory (DRAM traffic and page
+                faults): not a floor, the cost of writing the logits out
+  reference     plain PyTorch materialising the logits (what open_clip and
+                sentence-transformers do)
+GFLOP/s counts the 8 * N * M * d flops of the four GEMMs; "peak" is the best rate this
+machine's sgemm reaches on cache-resident shapes (the kernel's tile with d = 64 ... 1024,
+one 1024^3 product). "Extra MB" is the growth of peak RSS during one forward+backward in a
+fresh process (it includes the N x d gradients).
 
-    python benchmarks/bench_losses.py                 # N = 1024, 4096, 8192
-    python benchmarks/bench_losses.py --sizes 65536 --methods xfast --repeat 1
+    python benchmarks/bench_losses.py                         # quick look, written to a temp folder
+    python benchmarks/bench_losses.py --sizes 8192 16384 --dims 64 512 --methods xfast tiled_floor --save
+
+Results go to --out (default: a temp folder); only --save overwrites the committed
+benchmarks/results/losses.{json,csv,png}.
 """
 from __future__ import annotations
 
@@ -20,52 +31,117 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("xfast", "tiled_floor", "materialised", "reference")
+FLOOR_GEMMS = 4  # forward S, backward S (recomputed), dX, dY
 
 
-def worker(loss: str, method: str, n: int, d: int, repeat: int) -> dict:
-    """Runs inside the subprocess: one (loss, method, N) measurement."""
-    import resource
+def machine() -> dict:
+    """CPU model (as lscpu names it), threads, and the kernel variant in use."""
+    import torch
 
+    from xfast.kernels import cpu_similarity_lse
+
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return {"cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "tile_isa": cpu_similarity_lse.tile_isa(), "torch": torch.__version__}
+
+
+def best_seconds(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def peak_gflops() -> dict:
+    """sgemm rate on cache-resident operands: the kernel's tile shapes through the floor
+    routine (each thread reusing its own small blocks), and one 1024^3 product."""
+    import torch
+
+    from xfast.kernels import cpu_similarity_lse as cpu
+
+    threads = torch.get_num_threads()
+    rates = {}
+    for d in (64, 128, 256, 512, 1024):
+        x, y = torch.randn(cpu.BLOCK_ROWS * threads, d), torch.randn(cpu.BLOCK_COLS * threads, d)
+        reps = max(4, 2048 // d)
+        flops = 2 * x.shape[0] * y.shape[0] * d * reps
+        cpu.tile_gemm_floor(x, y, 1)
+        rates[f"tile 256x{d}x512"] = flops / best_seconds(lambda: cpu.tile_gemm_floor(x, y, reps), 3) / 1e9
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    rates["mm 1024^3"] = 2 * 1024**3 / best_seconds(lambda: a @ b, 5) / 1e9
+    best = max(rates, key=rates.get)
+    return {"gflops": rates[best], "shape": best, "all": rates}
+
+
+def make_step(loss: str, method: str, n: int, d: int):
+    """One forward+backward of `method` on fresh unit-norm inputs."""
     import torch
 
     import xfast
+    from xfast.kernels import cpu_similarity_lse as cpu
 
-    torch.manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_()
-    hn = torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    x, y, hn = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_()
+                for _ in range(3))
     scale = torch.tensor(1 / 0.07, requires_grad=True)
+    if method in ("tiled_floor", "materialised"):
+        cols = (torch.cat([y, hn]) if loss == "simcse_hn" else y).detach()
+        xd = x.detach()
+        if method == "tiled_floor":
+            return lambda: cpu.tile_gemm_floor(xd, cols, FLOOR_GEMMS)
+
+        def materialised():
+            s = xd @ cols.T
+            s @ cols, s.T @ xd, xd @ cols.T
+        return materialised
+
     backend = "cpu" if method == "xfast" else "reference"
-    columns = 2 * n if loss == "simcse_hn" else n
 
     def step():
-        if method == "floor":
-            with torch.no_grad():
-                cols = torch.cat([y, hn]) if loss == "simcse_hn" else y
-                s = x @ cols.T
-                s @ cols, s.T @ x, x @ cols.T
-            return
         if loss == "clip":
             out = xfast.clip_loss(x, y, scale, backend=backend)
         else:
             out = xfast.simcse_loss(x, y, hn, temperature=0.05, hard_negative_weight=1.0, backend=backend)
         out.backward()
         x.grad = y.grad = hn.grad = scale.grad = None
+    return step
 
+
+def time_worker(loss: str, methods: list[str], n: int, d: int, repeat: int) -> dict:
+    """Subprocess: best-of-`repeat` seconds per method, the methods interleaved."""
+    steps = {m: make_step(loss, m, n, d) for m in methods}
+    for step in steps.values():
+        step()  # warm-up
+    times = {m: [] for m in methods}
+    for _ in range(repeat):
+        for m, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[m].append(time.perf_counter() - t0)
+    return {m: min(t) for m, t in times.items()}
+
+
+def memory_worker(loss: str, method: str, n: int, d: int) -> dict:
+    """Subprocess: growth of peak RSS over one forward+backward, after the inputs exist."""
+    import resource
+
+    step = make_step(loss, method, n, d)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()
-    extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"loss": loss, "method": method, "N": n, "columns": columns, "d": d, "seconds": min(times),
-            "extra_mb": extra_mb, "threads": torch.get_num_threads()}
+    return {"extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
 
 
 def available_bytes() -> int:
@@ -74,101 +150,138 @@ def available_bytes() -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def run_one(loss, method, n, d, repeat) -> dict:
-    columns = 2 * n if loss == "simcse_hn" else n
-    # Materialising methods hold several N x M float32 matrices at once (logits, softmax,
-    # their gradients): skip them rather than let the OOM killer pick a process.
-    if method != "xfast" and 4 * 4 * n * columns > 0.8 * available_bytes():
-        return {"loss": loss, "method": method, "N": n, "d": d,
-                "error": f"skipped: needs about {16 * n * columns / 2**30:.0f} GiB for N x M matrices"}
-    cmd = [sys.executable, __file__, "--worker", loss, method, str(n), str(d), str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def subprocess_json(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        # Most often the materialising reference running out of memory at large N.
         reason = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
-        return {"loss": loss, "method": method, "N": n, "d": d, "error": f"failed: {reason[:200]}"}
+        return {"error": f"failed: {reason[:200]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| loss | N | method | time (s) | x floor | extra memory (MB) |", "|---|---|---|---|---|---|"]
-    floors = {(r["loss"], r["N"]): r["seconds"] for r in rows if r["method"] == "floor" and "seconds" in r}
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | {r['error']} | | |")
+def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: bool) -> list[dict]:
+    columns = 2 * n if loss == "simcse_hn" else n
+    rows, timed = [], []
+    for m in methods:
+        row = {"loss": loss, "method": m, "N": n, "columns": columns, "d": d}
+        # Materialising methods hold several N x M float32 matrices at once (logits, softmax,
+        # their gradients): skip them rather than let the OOM killer pick a process.
+        if m in ("materialised", "reference") and 4 * 4 * n * columns > 0.8 * available_bytes():
+            row["error"] = f"skipped: needs about {16 * n * columns / 2**30:.0f} GiB for N x M matrices"
+        else:
+            timed.append(m)
+        rows.append(row)
+    seconds = subprocess_json(["--time-worker", loss, ",".join(timed), str(n), str(d), str(repeat)]) if timed else {}
+    for row in rows:
+        if "error" in row:
             continue
-        floor = floors.get((r["loss"], r["N"]))
-        ratio = f"{r['seconds'] / floor:.2f}" if floor else "-"
-        lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | {r['seconds']:.3f} | {ratio} | {r['extra_mb']:.0f} |")
+        if "error" in seconds:
+            row["error"] = seconds["error"]
+            continue
+        row["seconds"] = seconds[row["method"]]
+        row["gflops"] = 8 * n * columns * d / row["seconds"] / 1e9
+        if memory and row["method"] != "tiled_floor":  # the floor holds one tile per thread
+            row.update(subprocess_json(["--memory-worker", loss, row["method"], str(n), str(d)]))
+    floor = next((r.get("seconds") for r in rows if r["method"] == "tiled_floor"), None)
+    for row in rows:
+        if floor and "seconds" in row:
+            row["x_tiled_floor"] = row["seconds"] / floor
+    return rows
+
+
+def table(rows: list[dict], peak: dict) -> str:
+    lines = ["| loss | N | d | method | time (s) | x tiled floor | GFLOP/s | extra MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "seconds" not in r:
+            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | |")
+            continue
+        ratio = f"{r['x_tiled_floor']:.2f}" if "x_tiled_floor" in r else "-"
+        mb = f"{r['extra_mb']:.0f}" if "extra_mb" in r else "-"
+        lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {ratio} "
+                     f"| {r['gflops']:.0f} | {mb} |")
+    lines.append(f"\nmachine sgemm peak (cache-resident, {peak['shape']}): {peak['gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Time and peak extra memory against N, one panel each, per loss."""
+    """Time against N per loss and d, one panel each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = sorted({r["loss"] for r in rows})
-    fig, axes = plt.subplots(len(losses), 2, figsize=(10, 3.6 * len(losses)), squeeze=False)
-    for row_axes, loss in zip(axes, losses):
-        for method, style in (("xfast", "o-"), ("reference", "s--"), ("floor", "^:")):
-            pts = sorted((r["N"], r["seconds"], r["extra_mb"]) for r in rows
-                         if r["loss"] == loss and r["method"] == method and "seconds" in r)
-            if not pts:
-                continue
-            n, sec, mb = zip(*pts)
-            row_axes[0].plot(n, sec, style, label=method)
-            row_axes[1].plot(n, mb, style, label=method)
-        for ax, ylabel in zip(row_axes, ("forward+backward time (s)", "peak extra memory (MB)")):
-            ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel=ylabel, title=loss)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+    panels = sorted({(r["loss"], r["d"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (loss, d) in zip(axes[0], panels):
+        for method, style in zip(METHODS, ("o-", "^:", "v:", "s--")):
+            pts = sorted((r["N"], r["seconds"]) for r in rows
+                         if (r["loss"], r["d"], r["method"]) == (loss, d, method) and "seconds" in r)
+            if pts:
+                ax.plot(*zip(*pts), style, label=method.replace("_", " "))
+        ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel="forward+backward (s)", title=f"{loss}, d = {d}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="batch sizes N")
-    parser.add_argument("--dim", type=int, default=512, help="embedding dim d")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="batch sizes N")
+    parser.add_argument("--dims", type=int, nargs="+", default=[512], help="embedding dims d")
     parser.add_argument("--losses", nargs="+", default=["clip", "simcse_hn"], choices=["clip", "simcse_hn"],
                         help="clip: symmetric InfoNCE over N x N; simcse_hn: SimCSE with hard negatives, N x 2N")
-    parser.add_argument("--methods", nargs="+", default=["floor", "xfast", "reference"],
-                        choices=["floor", "xfast", "reference"], help="what to measure (floor first for ratios)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (best is kept)")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (N = 1024, 2048), one repeat")
-    parser.add_argument("--out", default=str(RESULTS / "losses"), help="output path prefix (.json and .csv)")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="what to time")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is kept)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory subprocesses (one extra step per method)")
+    parser.add_argument("--out", help="output path prefix for .json/.csv/.png (default: a temp folder)")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/losses.* (the committed results)")
+    parser.add_argument("--time-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        loss, method, n, d, repeat = args.worker
-        print(json.dumps(worker(loss, method, int(n), int(d), int(repeat))))
+    if args.time_worker:
+        loss, methods, n, d, repeat = args.time_worker
+        print(json.dumps(time_worker(loss, methods.split(","), int(n), int(d), int(repeat))))
         return 0
-    if args.quick:
-        args.sizes, args.repeat = [1024, 2048], 1
+    if args.memory_worker:
+        loss, method, n, d = args.memory_worker
+        print(json.dumps(memory_worker(loss, method, int(n), int(d))))
+        return 0
+    if args.save and args.out:
+        parser.error("--save writes benchmarks/results/losses.*; leave out --out")
+    out = RESULTS / "losses" if args.save else Path(args.out or Path(tempfile.gettempdir()) / "xfast-bench" / "losses")
 
+    meta = {"command": " ".join(["python", "benchmarks/bench_losses.py", *(argv if argv is not None else sys.argv[1:])]),
+            **machine()}
+    peak = peak_gflops()
+    print(f"{meta['cpu']}, {meta['threads']} threads, tile kernels: {meta['tile_isa']}; "
+          f"sgemm peak {peak['gflops']:.0f} GFLOP/s ({peak['shape']})", flush=True)
     rows = []
-    for loss in args.losses:
-        for n in args.sizes:
-            for method in args.methods:
-                row = run_one(loss, method, n, args.dim, args.repeat)
-                rows.append(row)
-                status = row.get("error") or f"{row['seconds']:.3f} s, {row['extra_mb']:.0f} MB"
-                print(f"{loss:>9} N={n:<6} {method:<9} {status}", flush=True)
-    out = Path(args.out)
+    # Smallest work first; results are rewritten after each cell, so a long run that is
+    # stopped keeps what it measured.
+    for n in args.sizes:
+        for d in args.dims:
+            for loss in args.losses:
+                for row in measure(loss, n, d, args.methods, args.repeat, args.memory):
+                    rows.append(row)
+                    status = row.get("error") or f"{row['seconds']:.3f} s, {row['gflops']:.0f} GFLOP/s" + (
+                        f", {row['x_tiled_floor']:.2f}x tiled floor" if "x_tiled_floor" in row else "")
+                    print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
+                write(out, meta, peak, rows)
+    print()
+    print(table(rows, peak))
+    print(f"\nwritten: {out.with_suffix('.json')}, .csv, .png")
+    return 0
+
+
+def write(out: Path, meta: dict, peak: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu_count": os.cpu_count()}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "peak": peak, "rows": rows}, indent=1))
     with out.with_suffix(".csv").open("w", newline="") as f:
-        keys = ["loss", "method", "N", "columns", "d", "seconds", "extra_mb", "threads", "error"]
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "gflops", "extra_mb", "error"]
+        writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out.with_suffix(".png"))
-    print()
-    print(table(rows))
-    return 0
 
 
 if __name__ == "__main__":

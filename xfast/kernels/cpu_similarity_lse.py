@@ -1,4 +1,8 @@
-"""CPU backend: the tiled C++/OpenMP kernel of csrc/similarity_lse.cpp."""
+"""CPU backend: the tiled C++/OpenMP kernel of csrc/similarity_lse.cpp.
+
+bfloat16 and float16 inputs are computed in float32 (as the Triton backend accumulates),
+float64 in float64; gradients come back in the input dtype.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,6 +20,18 @@ else:
 # Tile shape: 256 x 512 float32 tiles (512 KiB) stay in L2 while the GEMMs stay efficient.
 BLOCK_ROWS = 256
 BLOCK_COLS = 512
+
+
+def tile_isa() -> str:
+    """Instruction set of the float32 tile kernels in use: avx512, avx2_fma or baseline."""
+    return _C.tile_isa()
+
+
+def tile_gemm_floor(x: torch.Tensor, y: torch.Tensor, gemms_per_tile: int = 4) -> None:
+    """Only the kernel's GEMMs: gemms_per_tile products x_blk @ y_tile.T per tile, into one
+    reused tile per thread, over the kernel's own cells. With 4 it is the compute floor of
+    a forward+backward (benchmarks/bench_losses.py)."""
+    _C.tile_gemm_floor(x.contiguous(), y.contiguous(), int(gemms_per_tile), BLOCK_ROWS, BLOCK_COLS)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

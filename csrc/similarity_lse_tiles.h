@@ -1,0 +1,40 @@
+// Element-wise work on one tile of Z = scale * X Y^T + B for the similarity-logsumexp kernel.
+//
+// The GEMMs live in similarity_lse.cpp (ATen/MKL); this file's code only sees a rows x cols
+// tile in cache. It is compiled once per instruction set (x86: AVX-512, AVX2+FMA and the
+// baseline) and the best variant the CPU supports is chosen when the extension loads, by
+// CPU feature (not vendor), so AMD and Intel machines get the same code path.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace xfast {
+
+template <typename T>
+struct TileKernels {
+  // z: a rows x cols tile of raw dot products X Y^T, turned in place into Z (times scale, plus
+  // diag_bias at (r, diag_col0 + r)) and folded into the running row (row_m, row_l) and column
+  // (col_m, col_l) logsumexp accumulators: (m, l) stands for m + log(l), l == 0 for an empty
+  // sum. col_m == nullptr skips the columns. scratch: 2 * cols + rows values.
+  void (*forward)(T* z, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, T* row_m,
+                  T* row_l, T* col_m, T* col_l, T* scratch);
+  // s: a rows x cols tile of raw dot products X Y^T, overwritten in place with
+  // D = dL/dZ = g_row * exp(Z - row_lse) + g_col * exp(Z - col_lse); either term may be absent
+  // (nullptr). Returns sum(D * s), the tile's share of dL/dscale. scratch: cols values.
+  T (*backward)(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, const T* row_lse,
+                const T* col_lse, const T* g_row, const T* g_col, T* scratch);
+};
+
+// The variant in use: "avx512", "avx2_fma" or "baseline" (float32; float64 is always baseline).
+const char* tile_isa();
+// Variants this CPU can run, best first.
+std::vector<std::string> supported_tile_isas();
+// Switches the variant (tests run every supported one); throws std::invalid_argument otherwise.
+void select_tile_isa(const std::string& isa);
+
+template <typename T>
+const TileKernels<T>& tile_kernels();
+
+}  // namespace xfast

@@ -1,0 +1,195 @@
+"""Kernel-level properties of the C++ CPU kernel (csrc/similarity_lse*.cpp).
+
+The tile kernels are compiled once per instruction set; these tests check the built
+extension itself: every float32 variant's exp loops are vectorised (read off its
+disassembly, so a scalar fallback cannot return unnoticed), the dispatcher picks the best
+variant this CPU supports by feature (AMD and Intel alike), every variant this CPU runs
+matches a float64 reference, and the kernel's working memory does not grow with copies of
+dY per thread.
+"""
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+
+import pytest
+import torch
+
+from tests.loss_cases import assert_within_torch_error, embeddings
+from xfast.kernels import cpu_similarity_lse
+from xfast.ops.similarity_lse import similarity_lse
+
+_C = cpu_similarity_lse._C
+X86 = platform.machine() in ("x86_64", "AMD64", "i686")
+pytestmark = pytest.mark.skipif(_C is None, reason="xfast._C is not built")
+
+# Calls of exp_nonpos inside the tile loops of csrc/similarity_lse_tiles.cpp. Each
+# vectorised call converts its exponent with one packed float->int instruction (cvttps2dq);
+# a scalar loop uses cvttss2si instead. forward_tile: one-exp, row-only and column exp
+# loops, and the column merge (2 calls); backward_tile: column weights, one-exp, two-exp
+# (2 calls), row-only and column-only loops.
+EXP_CALLS = {"forward": 5, "backward": 6}
+# Register of each variant's main loops; baseline x86-64 has SSE2 and no FMA.
+VECTOR_REGISTER = {"avx512": "zmm", "avx2_fma": "ymm", "baseline": "xmm"}
+POLYNOMIAL_DEGREE = 7  # Horner steps per exp: one FMA each where the variant has FMA
+
+
+@lru_cache(maxsize=1)
+def disassembly() -> dict[str, list[str]]:
+    """Instructions of each xfast_*_tile_f32_* function in the built extension."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.fail("objdump (binutils) is needed to check the extension's vectorisation; install binutils")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    functions = {}
+    for block in re.split(r"\n(?=[0-9a-f]+ <)", text):
+        head = re.match(r"[0-9a-f]+ <(xfast_\w+_tile_f32_\w+)>:", block)
+        if head:
+            functions[head.group(1)] = block.splitlines()[1:]
+    return functions
+
+
+def count(instructions: list[str], pattern: str) -> int:
+    return sum(1 for line in instructions if re.search(pattern, line))
+
+
+@pytest.mark.skipif(not X86, reason="the per-ISA variants exist on x86 only")
+@pytest.mark.parametrize("isa", ["avx512", "avx2_fma", "baseline"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_every_variant_vectorises_its_exp_loops(kind, isa):
+    name = f"xfast_{kind}_tile_f32_{isa}"
+    instructions = disassembly().get(name)
+    assert instructions, f"{name} is missing from {_C.__file__}"
+    reg = VECTOR_REGISTER[isa]
+    packed_converts = count(instructions, rf"\bv?cvttps2dq\s.*%{reg}")
+    assert packed_converts >= EXP_CALLS[kind], (
+        f"{name}: {packed_converts} packed exp loops on {reg} registers, expected {EXP_CALLS[kind]} "
+        "(gcc left some scalar; see -fno-trapping-math in setup.py)")
+    if isa == "baseline":
+        assert count(instructions, r"\bv?fmadd") == 0, "the baseline variant must run on any x86-64"
+        assert count(instructions, r"%[yz]mm") == 0, "the baseline variant must run on any x86-64"
+    else:
+        fmas = count(instructions, rf"\bvfn?madd\w*ps\s.*%{reg}")
+        assert fmas >= POLYNOMIAL_DEGREE * EXP_CALLS[kind], f"{name}: only {fmas} packed FMAs on {reg}"
+        if isa == "avx2_fma":
+            assert count(instructions, r"%zmm") == 0, "the AVX2 variant must run on CPUs without AVX-512"
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not X86 or platform.system() != "Linux", reason="reads /proc/cpuinfo")
+def test_dispatch_picks_the_best_variant_by_cpu_feature():
+    flags = cpu_flags()
+    expected = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        expected.insert(0, "avx2_fma")
+    if {"avx512f", "fma"} <= flags:
+        expected.insert(0, "avx512")
+    assert _C.supported_tile_isas() == expected
+    assert _C.tile_isa() == expected[0]
+
+
+def test_select_refuses_unknown_or_unsupported_variants():
+    with pytest.raises(ValueError, match="unknown tile kernel variant"):
+        _C.select_tile_isa("sse9")
+    unsupported = sorted({"avx512", "avx2_fma"} - set(_C.supported_tile_isas()))
+    for isa in unsupported:
+        with pytest.raises(ValueError, match="cannot run"):
+            _C.select_tile_isa(isa)
+
+
+def lse_reference(x, y, scale, bias, offset, g_row, g_col):
+    """Row/column logsumexps and gradients, materialising Z (any dtype)."""
+    x, y, scale = (t.detach().clone().requires_grad_() for t in (x, y, scale))
+    z = scale * x @ y.T
+    if bias:
+        rows = torch.arange(x.shape[0])
+        z = z.index_put((rows, rows + offset), z[rows, rows + offset] + bias)
+    row, col = torch.logsumexp(z, 1), torch.logsumexp(z, 0)
+    ((row * g_row).sum() + (col * g_col).sum()).backward()
+    return row.detach(), col.detach(), x.grad, y.grad, scale.grad
+
+
+def lse_kernel(x, y, scale, bias, offset, g_row, g_col):
+    x, y, scale = (t.detach().clone().requires_grad_() for t in (x, y, scale))
+    row, col = similarity_lse(x, y, scale, diag_bias=bias, diag_offset=offset, backend="cpu")
+    ((row * g_row).sum() + (col * g_col).sum()).backward()
+    return row.detach(), col.detach(), x.grad, y.grad, scale.grad
+
+
+# Ragged sizes (not multiples of the 256 x 512 tile or of any vector width); scale 100 on
+# inputs of norm up to 3 spreads each tile's maxima beyond the one-exp margin, so the exact
+# two-exp paths run too.
+CASES = [(300, 531, 45, 20.0, 1.0, 0.0), (77, 154, 128, 20.0, 1.0, 1.5), (260, 520, 64, 100.0, 3.0, -2.0)]
+
+
+@pytest.fixture
+def restore_isa():
+    before = _C.tile_isa()
+    yield
+    _C.select_tile_isa(before)
+
+
+@pytest.mark.parametrize("n,m,d,scale,norm,bias", CASES)
+def test_every_supported_variant_matches_float64(n, m, d, scale, norm, bias, restore_isa):
+    g = torch.Generator().manual_seed(n * m + d)
+
+    def rows(count, seed):  # unit rows, or norms spread over (0, norm)
+        t = embeddings(count, d, seed=seed)
+        return t if norm == 1.0 else t * (norm * torch.rand(count, 1, generator=g, dtype=torch.float64))
+
+    x, y = rows(n, n), rows(m, m)
+    s = torch.tensor(scale, dtype=torch.float64)
+    offset = m - n if bias else 0
+    g_row, g_col = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(m, generator=g, dtype=torch.float64)
+    exact = lse_reference(x, y, s, bias, offset, g_row, g_col)
+    f32 = [t.float() for t in (x, y, s, g_row, g_col)]
+    plain = lse_reference(*f32[:3], bias, offset, *f32[3:])
+    for isa in _C.supported_tile_isas():
+        _C.select_tile_isa(isa)
+        ours = lse_kernel(*f32[:3], bias, offset, *f32[3:])
+        for what, a, p, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), ours, plain, exact):
+            assert_within_torch_error(a, p, e, f"{isa} {what}", floor=1e-5 * (1 + e.abs().max().item()))
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes allocated through PyTorch's CPU allocator while fn runs (frees not subtracted,
+    so a buffer allocated and freed inside the kernel still counts)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+
+
+def test_allocations_do_not_grow_with_dy_copies_per_thread():
+    # 8 row blocks and 8 threads (forced, even on 2 cores): a kernel giving each thread its own
+    # dY accumulator would allocate 7 more copies of dY (M * d * 4 bytes each).
+    n, m, d = 2048, 512, 1024
+    x, y = embeddings(n, d, seed=1).float().requires_grad_(), embeddings(m, d, seed=2).float().requires_grad_()
+    s = torch.tensor(20.0, requires_grad=True)
+
+    def step():
+        row, col = similarity_lse(x, y, s, backend="cpu")
+        (row.sum() + col.sum()).backward()
+
+    threads = torch.get_num_threads()
+    try:
+        allocated = {}
+        for t in (1, 8):
+            torch.set_num_threads(t)
+            step()  # warm-up outside the profiler
+            allocated[t] = allocated_bytes(step)
+    finally:
+        torch.set_num_threads(threads)
+    one_dy = m * d * 4
+    assert allocated[1] >= (n + m) * d * 4, f"the profiler missed the gradients: {allocated[1]} bytes"
+    assert allocated[8] - allocated[1] < one_dy / 2, f"8 threads allocate {allocated[8] - allocated[1]} more bytes than 1"
