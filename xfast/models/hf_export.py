@@ -9,7 +9,6 @@ non-square images); ClapFeatureExtractor ("rand_trunc", slaney mel) computes xfa
 """
 from __future__ import annotations
 
-import os
 
 from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig, CLIPConfig,
                           CLIPImageProcessor, CLIPModel)

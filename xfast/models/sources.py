@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (ClapAudioConfig, ClapConfig, ClapTextConfig, CLIPConfig, CLIPTextConfig,
+from transformers import (ClapAudioConfig, ClapConfig, CLIPConfig, CLIPTextConfig,
                           CLIPVisionConfig, PretrainedConfig, RobertaConfig)
 
 from xfast.config import ConfigError
