@@ -201,7 +201,10 @@ class TrainLogger:
             self.write(f"no training curves: {err}")
             return None
 
-    def close(self) -> None:
+    def close(self, *, plot: bool = True) -> None:
+        """End of training: close the bar and TensorBoard; write training_curves.png (plot=True)."""
+        if plot:
+            self.plot()
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
