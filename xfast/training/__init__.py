@@ -1,6 +1,7 @@
 """The trainer's components (xfast/train.py wires them together).
 
-config        TrainConfig: the run's JSON schema, built-in configs, --set overrides
+config        TrainConfig: the run's JSON schema, built-in configs, --set overrides (no torch import)
+run_dir       a run folder across invocations: resume allowed or refused, steps extension (no torch import)
 engine        process group, DeepSpeed engine with torch AdamW, parameter groups, warmup+cosine
 task          the module DeepSpeed wraps: model features + objective
 accumulation  whole-batch (GradCache) gradient accumulation across micro-batches and ranks
