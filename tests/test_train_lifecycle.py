@@ -17,7 +17,8 @@ import pytest
 from xfast.config import ConfigError
 from xfast.training import demo, demo_data
 from xfast.training.config import builtin_configs, load_config, save_config
-from xfast.training.run_dir import ABSENT, archive_config, checkpoint_step, differences, lr_factor, plan_resume
+from xfast.training.run_dir import (ABSENT, EXPORT_RECORD, archive_config, checkpoint_step, differences, lr_factor,
+                                    plan_resume)
 
 ARM = ["demo_clap_tiny", "study/clap_unsup", "demo_sentences"]
 HEAVY = ("torch", "transformers", "deepspeed", "webdataset")
@@ -123,6 +124,10 @@ def test_second_arm_in_the_first_arms_folder_stops_before_any_work(tmp_path):
 def test_extension_relays_the_schedule_with_a_warning(tmp_path):
     out = f"output_dir={tmp_path / 'run'}"
     start_run(load_config("demo_clip_tiny", [out, "train.steps=20"]), 20)
+    unexported = plan_resume(load_config("demo_clip_tiny", [out, "train.steps=20"]))
+    assert not unexported.complete and unexported.step == 20  # killed before its fp32 export: export it
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / EXPORT_RECORD).write_text('{"step": 20}')
     done = plan_resume(load_config("demo_clip_tiny", [out, "train.steps=20"]))
     assert done.complete and done.step == 20
     plan = plan_resume(load_config("demo_clip_tiny", [out, "train.steps=30"]))
@@ -372,6 +377,7 @@ def test_demo_keeps_runs_resumes_and_reports_each_run_as_it_ends(tmp_path, demo_
         cfg = load_config(config, [*overrides, f"output_dir={run_dir}"])
         start_run(cfg, cfg.train.steps)
         (run_dir / "final").mkdir()
+        (run_dir / "final" / EXPORT_RECORD).write_text(json.dumps({"step": cfg.train.steps}))
         fake_run(run_dir, cfg.train.steps)
         return 0, 12.0
 
@@ -418,6 +424,9 @@ def test_checkpoint_step_reads_the_latest_pointer(tmp_path):
     assert checkpoint_step(tmp_path) is None
     fake_checkpoint(tmp_path, 7)
     assert checkpoint_step(tmp_path) == 7
+    # A kill between a save's rename and its pointer write: the newest complete folder counts.
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()
+    assert checkpoint_step(tmp_path) == 9
 
 
 # 1 + 2 end to end: a real run, extended, then another config refused in its folder -----------------

@@ -96,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"xfast train: warning: {warning}")
         if (plan.warnings or plan.forced) and _rank() == 0:
             archive_config(cfg.output_dir, plan.step)
+    from xfast.training.checkpoint import CheckpointError
+    from xfast.training.preflight import StartupError
     try:
         return train(cfg)
     except ConfigError as err:  # found once the model is built ('auto' towers whose config.json omits sizes)
         return _config_error(err)
+    except (StartupError, CheckpointError) as err:  # disk, filesystem, lock files
+        print(f"xfast train: {err}", file=sys.stderr)
+        return 1
 
 
 def _rank() -> int:
@@ -134,7 +139,7 @@ def train(cfg: TrainConfig) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
     from xfast.models import Objective, build_model
     from xfast.training.accumulation import whole_batch_step
-    from xfast.training.checkpoint import CheckpointManager
+    from xfast.training.checkpoint import CheckpointManager, clean_replace_leftovers, tag_for
     from xfast.training.engine import (
         build_engine,
         deepspeed_config,
@@ -143,10 +148,14 @@ def train(cfg: TrainConfig) -> int:
         relay_schedule,
     )
     from xfast.training.evaluation import run_evaluation
+    from xfast.training.faults import fault_point
     from xfast.training.logging import TrainLogger
+    from xfast.training.preflight import check_data_paths, check_free_space, check_writable
+    from xfast.training.signals import GracefulStop
     from xfast.training.streams import EndlessStream, Streams
     from xfast.training.task import ContrastiveTask
 
+    check_data_paths(cfg)
     rank, world = init_distributed()
     if "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores (the deepspeed launcher leaves this to the user
@@ -158,8 +167,10 @@ def train(cfg: TrainConfig) -> int:
     checkpoints = CheckpointManager(output / "checkpoints", cfg.checkpoint.keep_last, rank, world)
     if cfg.train.deterministic:
         make_deterministic()
+    check_writable(checkpoints.root, rank)
+    repaired = checkpoints.recover()
     if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
+        clean_replace_leftovers(output / "final")
         save_config(cfg, output / "config.json")
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -180,7 +191,9 @@ def train(cfg: TrainConfig) -> int:
         total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
     if cfg.deepspeed.zero_stage == 3:
         task.register_zero3_external_parameters()
-    _write_run_info(engine, cfg, output, rank, world)
+    parameters = _write_run_info(engine, cfg, output, rank, world)
+    check_free_space(checkpoints.root, parameters=parameters, keep_last=cfg.checkpoint.keep_last,
+                     export=cfg.checkpoint.export_fp32)
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout masks differ between ranks
 
     named = {"pairs": cfg.data, "sentences": cfg.sentence_data, "nli": cfg.nli_data}
@@ -194,6 +207,8 @@ def train(cfg: TrainConfig) -> int:
         streams.load_state_dict(state["data"])
     logger = TrainLogger(output, total_steps=t.steps, start_step=step, enabled=rank == 0,
                          tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    if repaired:
+        logger.write(repaired)
     if state is not None:
         logger.write(f"resumed from {checkpoints.root / checkpoints.latest_tag()} at step {step}")
 
@@ -210,6 +225,7 @@ def train(cfg: TrainConfig) -> int:
         evaluate(0)
     streams.take_wait()
     logger.start_window()
+    stop = GracefulStop().__enter__()
     while step < t.steps:
         plan = objective.plan(step)
         names = [n for n, wanted in (("pairs", plan.cross_modal or plan.captions), ("sentences", plan.sentences),
@@ -217,24 +233,33 @@ def train(cfg: TrainConfig) -> int:
         micro = [dict(streams.draw(names), step=step) for _ in range(cfg.deepspeed.accumulation_steps)]
         loss, parts, shared = whole_batch_step(engine, micro, lambda f, s, group: task.loss(f, s, step, group=group))
         step += 1
+        fault_point("train.step", step, rank)
         samples = sum(len(m[names[0]]["input_ids" if names[0] != "nli" else "anchor_input_ids"]) for m in micro)
         logger.count(samples * world, streams.take_wait())
         if step % cfg.logging.every_steps == 0 or step == t.steps:
             scalars = {"loss": float(loss), "logit_scale": float(shared["logit_scale"].reshape(-1)[0]),
                        "lr": engine.get_lr()[0], **{f"loss/{k}": float(v) for k, v in parts.items()}}
             logger.log(step, scalars, skipped=_sum_over_ranks(streams.skip_counts()))
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < t.steps:
-            save(step)
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.steps:
             evaluate(step)
             logger.start_window()
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < t.steps:
+            save(step)
+        signame = stop.stop_requested() if step < t.steps else None
+        if signame:
+            save(step)
+            print(f"xfast train: rank {rank}: stop signal ({stop.describe(signame)}): stopped after step {step}, checkpoint "
+                  f"{checkpoints.latest_tag()} written; run the same command to resume", file=sys.stderr, flush=True)
+            logger.close()
+            return 0
+    if not (checkpoints.root / tag_for(step)).is_dir():  # else the final evaluation was logged before that save
+        evaluate(step)
     save(step)
-    evaluate(step)
     skipped = _sum_over_ranks(streams.skip_counts())
     logger.write("skipped data: " + (", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"))
     if cfg.checkpoint.export_fp32:
         if rank == 0:
-            _export(cfg, checkpoints, output / "final")
+            _export(cfg, checkpoints, output / "final", step)
             logger.write(f"fp32 weights: {output / 'final'}")
         dist.barrier()
     logger.close()
@@ -254,7 +279,7 @@ def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     return dict(zip(kinds, totals.cpu().tolist()))
 
 
-def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: int) -> None:
+def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: int) -> int:
     """OUTPUT/run_info.json: world size, ZeRO stage and the parameter elements each rank holds
     (under ZeRO-3 each rank keeps only its partition, ds_tensor, of every parameter)."""
     import torch
@@ -274,17 +299,28 @@ def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: in
         info = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "parameters": total,
                 "parameters_held_per_rank": held.cpu().tolist()}
         (output / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return total
 
 
-def _export(cfg: TrainConfig, checkpoints, out_dir: Path) -> None:
-    """Consolidated fp32 weights of the latest checkpoint, in the models' save_pretrained format."""
+def _export(cfg: TrainConfig, checkpoints, out_dir: Path, step: int) -> None:
+    """Consolidated fp32 weights of the latest checkpoint, in the models' save_pretrained format;
+    written beside `out_dir` and moved into place, so a kill leaves no half-written export."""
     from xfast.models import build_model
+    from xfast.training.checkpoint import replace_dir
+    from xfast.training.faults import fault_point
+    from xfast.training.run_dir import EXPORT_RECORD
 
     state = checkpoints.fp32_state_dict()
     prefix = "model."
     model = build_model(cfg.model)
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    model.save_pretrained(str(out_dir))
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        (folder / EXPORT_RECORD).write_text(json.dumps({"step": step}) + "\n")
+        fault_point("export.written", step)
+
+    replace_dir(out_dir, write)
 
 
 if __name__ == "__main__":

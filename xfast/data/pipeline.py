@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import zlib
 from typing import Iterator
 
@@ -221,6 +222,15 @@ class ShardStream(IterableDataset):
         yield meta(__end__=True, __gave_up__=gave_up)
 
 
+def _leave_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group, the deepspeed
+    launcher terminates the whole process tree): the training process decides how to stop
+    (xfast.training.signals), and a worker dying first would fail its next batch. Workers exit
+    with the training process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamingLoader:
     """Iterates one epoch of batches per `for` loop; reports and restores its position.
 
@@ -346,7 +356,7 @@ class StreamingLoader:
         if self._loader is None:
             self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                       persistent_workers=self.cfg.persistent_workers,
-                                      prefetch_factor=self.cfg.prefetch_factor)
+                                      prefetch_factor=self.cfg.prefetch_factor, worker_init_fn=_leave_stop_signals)
         return self._loader
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ NEUTRAL_STREAM_KEYS = ("persistent_workers", "prefetch_factor", "max_consecutive
 # The schedule's length: may change on resume (the schedule is re-laid, with a warning).
 SCHEDULE = ("train.steps", "train.warmup_steps", "train.warmup_fraction")
 _TAG = re.compile(r"^step_(\d+)$")
+EXPORT_RECORD = "xfast_export.json"  # written into OUTPUT/final with it: {"step": N}
 
 
 class _Absent:
@@ -81,15 +82,21 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def checkpoint_step(output_dir: str | Path) -> int | None:
-    """The step of OUTPUT/checkpoints/latest, None without a checkpoint."""
-    pointer = Path(output_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
+    """The step of the newest complete checkpoint in OUTPUT/checkpoints, None without one. A
+    step folder exists only once complete; `latest` can lag one save behind a kill, and the
+    checkpoint manager re-points it on start (xfast.training.checkpoint)."""
+    root = Path(output_dir) / "checkpoints"
+    steps = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))] \
+        if root.is_dir() else []
+    return max(steps, default=None)
+
+
+def exported_step(output_dir: str | Path) -> int | None:
+    """The checkpoint step OUTPUT/final was exported from, None without a complete export."""
+    try:
+        return json.loads((Path(output_dir) / "final" / EXPORT_RECORD).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    tag = pointer.read_text().strip()
-    match = _TAG.match(tag)
-    if match is None or not (pointer.parent / tag).is_dir():
-        return None  # a broken pointer is the checkpoint manager's to report
-    return int(match.group(1))
 
 
 @dataclass
@@ -137,7 +144,7 @@ def plan_resume(cfg) -> ResumePlan | None:
     if step > t.steps:
         raise ConfigError(f"train.steps: {t.steps}, but {output} holds a checkpoint at step {step}: a run cannot be "
                           f"shortened; use another output_dir (or train.steps >= {step})")
-    if step == t.steps:
+    if step == t.steps and (not cfg.checkpoint.export_fp32 or exported_step(output) == step):
         plan.complete = True
         return plan
     old_steps = saved_train.get("steps", t.steps)
