@@ -9,7 +9,6 @@ point on every machine.
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -30,7 +30,7 @@ class EndlessStream:
             torch.set_rng_state(rng)
 
     def _next(self) -> dict:
-        for attempt in range(2):
+        for _attempt in range(2):
             if self._iterator is None:
                 self._iterator = iter(self.loader)
             try:
