@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("xfast.train", "train a CLIP/CLAP-style model (same as `python -m xfast.train`)"),
     "eval": ("xfast.eval.cli", "evaluate a checkpoint: zero-shot, retrieval, STS, geometry"),
     "shards": ("xfast.data.shards", "write WebDataset shards from a media folder, or --check them"),
+    "study": ("xfast.study.cli", "train and compare the arms of a sentence-embedding study, one report"),
 }
 
 

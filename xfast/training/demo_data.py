@@ -6,6 +6,9 @@
   beeps, chirps or noise bursts at a pitch, repeated a number of times, e.g.
   "a loud high beeping tone, short, repeated three times";
 - sentences (one per line) for unsupervised SimCSE training of the text tower;
+- NLI triplets (SimCSE's CSV: sent0, sent1, hard_neg) for supervised SimCSE: a caption, a
+  paraphrase that it entails, and a minimal edit that contradicts it (relation, colour,
+  loudness, pitch or count changed);
 - tokenizer/: a small WordPiece tokenizer trained on all of the above (for random text towers).
 
 Captions are a function of what is drawn or heard, so a model that learns gets retrieval far
@@ -120,6 +123,65 @@ def make_sound(rng: np.random.Generator, combo: tuple) -> tuple[np.ndarray, str,
     return np.clip(wave, -1, 1), caption, attrs
 
 
+INVERSE_RELATIONS = {"to the left of": "to the right of", "above": "below"}
+
+
+def image_nli(rng: np.random.Generator, combo: tuple) -> tuple[str, str, str]:
+    """(caption, entailed paraphrase, contradiction) of an image_combos() entry."""
+    (c1, s1), (c2, s2), relation = combo
+    caption = f"a {c1} {s1} {relation} a {c2} {s2}"
+    inverse = INVERSE_RELATIONS[relation]
+    positive = [f"a {c2} {s2} {inverse} a {c1} {s1}",
+                f"there is a {c1} {s1} and a {c2} {s2}; the {c1} {s1} is {relation} the {c2} {s2}"][int(rng.integers(2))]
+    if rng.integers(2) or c1 == c2:
+        negative = f"a {c1} {s1} {inverse} a {c2} {s2}"
+    else:
+        negative = f"a {c2} {s1} {relation} a {c1} {s2}"
+    return caption, positive, negative
+
+
+def sound_nli(rng: np.random.Generator, combo: tuple) -> tuple[str, str, str]:
+    """(caption, entailed paraphrase, contradiction) of a sound_combos() entry."""
+    loudness, pitch, sound, length, count = combo
+    caption = f"a {loudness} {pitch} {sound}, {length}, {COUNTS[count]}"
+    positive = f"a {sound} at {pitch} pitch, {loudness} and {length}, {COUNTS[count]}"
+    field = ("loudness", "pitch", "count")[int(rng.integers(3))]
+    if field == "loudness":
+        loudness = next(v for v in LOUDNESS if v != loudness)
+    elif field == "pitch":
+        pitch = [p for p in PITCHES if p != pitch][int(rng.integers(len(PITCHES) - 1))]
+    else:
+        count = [c for c in COUNTS if c != count][int(rng.integers(len(COUNTS) - 1))]
+    return caption, positive, f"a {loudness} {pitch} {sound}, {length}, {COUNTS[count]}"
+
+
+def make_nli(rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
+    """`count` NLI triplets, half from image captions and half from sound captions."""
+    images, sounds = image_combos(), sound_combos()
+    triplets = []
+    for i in range(count):
+        if i % 2 == 0:
+            triplets.append(image_nli(rng, images[int(rng.integers(len(images)))]))
+        else:
+            triplets.append(sound_nli(rng, sounds[int(rng.integers(len(sounds)))]))
+    return triplets
+
+
+def write_nli(root: Path, rng: np.random.Generator, count: int) -> dict:
+    """nli/train.csv under `root` (written to a temporary name, then renamed); its manifest entry."""
+    import csv
+
+    folder = root / "nli"
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".train.csv.{os.getpid()}"
+    with partial.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sent0", "sent1", "hard_neg"])
+        writer.writerows(make_nli(rng, count))
+    os.replace(partial, folder / "train.csv")
+    return {"train": {"count": count, "path": "nli/train.csv"}}
+
+
 def _split_combos(combos: list[tuple], count: int, rng: np.random.Generator, distinct: bool) -> list[tuple]:
     """`count` combinations: all different (a test split) or drawn with replacement (training)."""
     if distinct:
@@ -168,7 +230,7 @@ def _write_split(folder: Path, prefix: str, count: int, write_sample, bar) -> li
 
 
 def generate(root: str | os.PathLike, *, train: int = 2048, test: int = 128, sentences: int = 2000,
-             seed: int = 0) -> dict:
+             nli: int = 2000, seed: int = 0) -> dict:
     """Write the demo dataset under `root` (replacing it) and return its manifest.
 
     The folder is assembled next to `root` and renamed into place, so an interrupted
@@ -217,6 +279,7 @@ def generate(root: str | os.PathLike, *, train: int = 2048, test: int = 128, sen
     (staging / "sentences").mkdir()
     (staging / "sentences" / "train.txt").write_text("\n".join(lines) + "\n")
     manifest["sentences"] = {"train": {"count": len(lines), "path": "sentences/train.txt"}}
+    manifest["nli"] = write_nli(staging, np.random.default_rng([seed, 3]), nli)
     from xfast.models import train_tokenizer
     train_tokenizer(captions + lines, TOKENIZER_VOCAB, str(staging / "tokenizer"), max_length=64)
     manifest["tokenizer"] = "tokenizer"
@@ -237,7 +300,12 @@ def ensure(root: str | os.PathLike | None = None, **sizes) -> tuple[Path, dict]:
         counts = {"train": manifest["images"]["train"]["count"], "test": manifest["images"]["test"]["count"],
                   "sentences": manifest["sentences"]["train"]["count"]}
         if manifest.get("version") == FORMAT_VERSION and all(counts.get(k) == v for k, v in sizes.items()
-                                                              if k != "seed"):
+                                                              if k not in ("seed", "nli")):
+            if "nli" not in manifest:  # a dataset written before the NLI triplets existed: add them
+                manifest["nli"] = write_nli(root, np.random.default_rng([manifest["seed"], 3]), sizes.get("nli", 2000))
+                partial = root / f".manifest.json.{os.getpid()}"
+                partial.write_text(json.dumps(manifest, indent=1))
+                os.replace(partial, manifest_path)
             return root, manifest
     return root, generate(root, **sizes)
 
@@ -245,21 +313,23 @@ def ensure(root: str | os.PathLike | None = None, **sizes) -> tuple[Path, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m xfast.training.demo_data",
-        description="Generate xfast's procedural demo dataset (images, sounds, sentences) as WebDataset shards.")
+        description="Generate xfast's procedural demo dataset (images, sounds, sentences, NLI triplets).")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: $XFAST_DEMO_DATA "
                         "or ~/.cache/xfast/demo-data)")
     parser.add_argument("--train", type=int, default=2048, help="training samples per modality (default 2048)")
     parser.add_argument("--test", type=int, default=128, help="held-out samples per modality, each caption distinct "
                         f"(default 128, at most {len(sound_combos())})")
     parser.add_argument("--sentences", type=int, default=2000, help="SimCSE sentences (default 2000)")
+    parser.add_argument("--nli", type=int, default=2000, help="NLI triplets for supervised SimCSE (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
-    for name in ("train", "test", "sentences"):
+    for name in ("train", "test", "sentences", "nli"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     root = args.out or default_root()
-    manifest = generate(root, train=args.train, test=args.test, sentences=args.sentences, seed=args.seed)
-    print(f"wrote {root}: {json.dumps({k: manifest[k] for k in ('images', 'audio', 'sentences')})}")
+    manifest = generate(root, train=args.train, test=args.test, sentences=args.sentences, nli=args.nli,
+                        seed=args.seed)
+    print(f"wrote {root}: {json.dumps({k: manifest[k] for k in ('images', 'audio', 'sentences', 'nli')})}")
     return 0
 
 
