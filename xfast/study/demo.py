@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     sts, why = word_similarity_file()
     if sts is None:
         print(f"xfast study demo: no STS column: {why}", file=sys.stderr)
-    print(f"demo study: arms {args.arms}, seeds {args.seeds}; about 100 s per run on 2 CPU cores; "
+    print(f"demo study: arms {args.arms}, seeds {args.seeds}; about a minute per run on 2 idle CPU cores; "
           f"rerun the same command to resume", flush=True)
     command = ["--base", "demo_study_clip_minilm", "--arms", args.arms, "--seeds", args.seeds,
                "--sentences", "demo_sentences", "--nli", "demo_nli", "--out", str(args.out)]

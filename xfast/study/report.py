@@ -175,12 +175,16 @@ def write_report(results: dict[str, dict], runs: list[Run], plan: StudyPlan, say
     seeds = ", ".join(map(str, plan.seeds))
     text = (f"# Study report\n\nArms x metrics, mean ± std over seeds {seeds} (recall and accuracy in %).\n"
             f"Bases: {', '.join(f'{m}: {b}' for m, b in plan.bases.items())}.\n\n" + markdown_table(table) + "\n")
+    costs = [json.loads((r.folder / "study_done.json").read_text()) for r in runs]
+    wall, cpu = sum(c["seconds"] for c in costs), sum(c.get("cpu_seconds", 0.0) for c in costs)
+    text += f"\nTraining: {len(runs)} runs, {wall:.0f} s wall clock, {cpu:.0f} CPU seconds in all.\n"
     out = plan.out
     figure = plot_geometry(table, results, runs, out / "alignment_uniformity.png")
     if figure is not None:
         text += f"\n![alignment vs uniformity]({figure.name})\n"
     record = {"bases": plan.bases, "arms": [a.name for a in plan.arms], "seeds": plan.seeds,
-              "overrides": plan.overrides, "evaluation": asdict(plan.evaluation), "table": table, "runs": results}
+              "overrides": plan.overrides, "evaluation": asdict(plan.evaluation), "table": table, "runs": results,
+              "training_seconds": {r.label: c for r, c in zip(runs, costs)}}
     (out / "report.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "report.md").write_text(text)
     say("\n" + markdown_table(table))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -138,6 +139,13 @@ def _has_checkpoint(run: Run) -> bool:
     return (run.folder / "checkpoints").is_dir() and any((run.folder / "checkpoints").glob("step_*"))
 
 
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes (and theirs): a run's cost that
+    other load on the machine does not inflate the way it inflates wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def train_runs(runs: list[Run], plan: StudyPlan, say=print) -> list[str]:
     """Train what is not finished; returns the labels trained now. The trainer's output goes to
     RUN/train.log; a failure stops the study with the log's tail (the finished runs are kept)."""
@@ -149,21 +157,21 @@ def train_runs(runs: list[Run], plan: StudyPlan, say=print) -> list[str]:
             continue
         command = train_command(run, plan)
         say(f"{prefix}: {'resuming' if _has_checkpoint(run) else 'training'} (log: {run.folder / 'train.log'})")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _children_cpu_seconds()
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         with (run.folder / "train.log").open("a") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
         if code != 0:
             tail = (run.folder / "train.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"{run.label}: training exited with code {code}; last lines of "
                                f"{run.folder / 'train.log'}:\n  " + "\n  ".join(tail))
         (run.folder / DONE_MARKER).write_text(json.dumps(
-            {"command": command, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
-            indent=1) + "\n")
-        say(f"{prefix}: done in {seconds:.0f} s")
+            {"command": command, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+        say(f"{prefix}: done in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)")
         trained.append(run.label)
     return trained
 
