@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -44,10 +45,21 @@ def two_ranks(rank, world):
                       lambda: xfast.clip_loss(x, y, s, group=group, mode="rng" if rank else "ring"))
     expect_everywhere("invalid input on .*label_smoothing must be a number",
                       lambda: xfast.clip_loss(x, y, s, group=group, label_smoothing="0.1" if rank else 0.1))
-    expect_everywhere("mode must be the same on every rank, got rank 0: 0, rank 1: 1",
+    expect_everywhere("mode must be the same on every rank, got rank 0: 'allgather', rank 1: 'ring'",
                       lambda: xfast.clip_loss(x, y, s, group=group, mode="ring" if rank else "allgather"))
-    expect_everywhere("hard_negatives must be the same on every rank",
+    expect_everywhere("hard_negatives must be the same on every rank, got rank 0: False, rank 1: True",
                       lambda: xfast.simcse_loss(x, y, y if rank else None, group=group))
+    # Shared scalars: a mismatch would silently mix two different losses.
+    expect_everywhere(r"logit_scale must be the same on every rank, got rank 0: 10.0, rank 1: 10.000000000000002",
+                      lambda: xfast.clip_loss(x, y, torch.nextafter(s, s + 1) if rank else s, group=group))
+    expect_everywhere(r"label_smoothing must be the same on every rank, got rank 0: 0.1, rank 1: 0.2",
+                      lambda: xfast.clip_loss(x, y, s, group=group, label_smoothing=0.2 if rank else 0.1))
+    expect_everywhere(r"temperature must be the same on every rank, got rank 0: 0.05, rank 1: 0.07",
+                      lambda: xfast.simcse_loss(x, y, group=group, temperature=0.07 if rank else 0.05))
+    expect_everywhere(r"hard_negative_weight must be the same on every rank, got rank 0: 0.0, rank 1: 1.0",
+                      lambda: xfast.simcse_loss(x, y, y, group=group, hard_negative_weight=float(rank)))
+    expect_everywhere("the ranks reached different calls: rank 0 is in clip_loss, rank 1 is in simcse_loss",
+                      lambda: xfast.simcse_loss(x, y, group=group) if rank else xfast.clip_loss(x, y, s, group=group))
     expect_everywhere("backward would run on some ranks only",
                       lambda: xfast.cyclip_loss(x if rank else x.detach(), y.detach(), group=group))
     expect_everywhere("group must be a torch.distributed.ProcessGroup",
@@ -56,18 +68,21 @@ def two_ranks(rank, world):
     full = [torch.cat([inputs(r)[i].detach() for r in range(world)]) for i in (0, 1)]
     torch.testing.assert_close(xfast.clip_loss(x, y, s, group=group), reference.clip_loss(*full, s))
 
-    # A rank that never calls: the others get a RuntimeError after XFAST_DIST_TIMEOUT_S.
+    # A rank that never calls: the others get a RuntimeError after XFAST_DIST_TIMEOUT_S that
+    # says how long they really waited and which rank did not arrive.
     os.environ["XFAST_DIST_TIMEOUT_S"] = "2"
     if rank == 0:
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match="one of them never called clip_loss"):
+        with pytest.raises(RuntimeError, match=r"clip_loss: rank 0 waited \d+\.\d s .*; rank 1 \(its last call "
+                                               r"was clip_loss\) did not arrive") as caught:
             xfast.clip_loss(x, y, s, group=group)
-        assert time.monotonic() - start < 30
+        waited = float(re.search(r"waited (\d+\.\d) s", str(caught.value)).group(1))
+        assert 1.5 <= waited < 30 and waited <= time.monotonic() - start
+        assert "XFAST_DIST_TIMEOUT_S=2 s" in str(caught.value)
     else:
         time.sleep(4)
-        # Join the check rank 0 left pending (same record layout) so the group ends in step.
-        checks.agree("clip_loss", group, lambda: checks.LocalShape(N, N, D, torch.float64, True),
-                     {"mode": 0.0, "grad_reduction": 0.0, "backend": 0.0, "label_smoothing": 0.0})
+        # Join the check rank 0 left pending (records have one size) so the group ends in step.
+        checks.agree("clip_loss", group, lambda: checks.LocalShape(N, N, D, torch.float64, True))
     dist.barrier()
 
 

@@ -64,8 +64,8 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("queries,keys,match", [
-    (torch.randn(4, 8), torch.randn(10, 7), "keys have dim 7 but queries have 8"),
-    (torch.randn(4, 8), torch.randn(10, 8).double(), "keys have dtype"),
+    (torch.randn(4, 8), torch.randn(10, 7), "keys has embedding dim 7 but queries has 8"),
+    (torch.randn(4, 8), torch.randn(10, 8).double(), "keys has dtype"),
     (torch.randn(8), torch.randn(10, 8), "queries must be 2-D"),
     (torch.full((4, 8), float("nan")), torch.randn(10, 8), "queries contains NaN"),
 ])
@@ -93,7 +93,7 @@ def three_ranks(rank, world):
     with pytest.raises(ValueError, match="mode must be the same on every rank"):
         similarity_topk(local_queries, local_keys, 2, group=dist.group.WORLD, mode="ring" if rank else "allgather")
     bad = local_keys[:, :3] if rank == 2 else local_keys
-    with pytest.raises(ValueError, match="invalid input on (rank 2|this rank).*keys have dim 3 but queries have 4"):
+    with pytest.raises(ValueError, match="invalid input on (rank 2|this rank).*keys has embedding dim 3 but queries has 4"):
         similarity_topk(local_queries, bad, 2, group=dist.group.WORLD)
 
 

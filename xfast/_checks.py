@@ -25,12 +25,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
-    """2-D floating tensors on one device, one dtype, one width, finite, non-empty."""
-    for name, t in zip(names, tensors):
-        check_float_matrix(name, t)
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): a contrastive loss needs at least one pair")
+def check_alike(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
+    """The tensors share the first one's device, dtype and width (and row count, with same_rows)."""
     first_name, first = names[0], tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
         if t.device != first.device:
@@ -41,6 +37,15 @@ def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], 
             raise ValueError(f"{name} has embedding dim {t.shape[1]} but {first_name} has {first.shape[1]}")
         if same_rows and t.shape[0] != first.shape[0]:
             raise ValueError(f"{name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}")
+
+
+def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
+    """2-D floating tensors on one device, one dtype, one width, finite, non-empty."""
+    for name, t in zip(names, tensors):
+        check_float_matrix(name, t)
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): a contrastive loss needs at least one pair")
+    check_alike(names, tensors, same_rows=same_rows)
     for name, t in zip(names, tensors):
         check_finite(name, t)
 

@@ -60,15 +60,19 @@ by 1/W relative to logit_scale's). The per-rank logit_scale gradient is a share,
 whole: a replicated parameter must be synchronised (as DDP and DeepSpeed do) like any other.
 
 All ranks must call the loss and its backward together. Before any heavy exchange the
-ranks check one another's inputs (width, dtype, settings, whether backward will run) and all
+ranks check one another's inputs (width, dtype, settings and scalars such as logit_scale,
+whether backward will run) and all
 raise the same ValueError on a mismatch; see checks.py for the timeout.
+
+Code: each loss is written once (xfast/ops/*_loss.py) against the batch of batch.py, local or
+of a group; gathered_lse.py is the exchange similarity_lse runs over the group, by way of
+allgather.py or ring.py; exchange.py holds the collectives, checks.py the agreement check.
 """
 from __future__ import annotations
 
-from xfast.distributed.losses import clip_loss, cyclip_loss, simcse_loss
 from xfast.distributed.topk import similarity_topk
 
-__all__ = ["clip_loss", "simcse_loss", "cyclip_loss", "similarity_topk", "default_group"]
+__all__ = ["similarity_topk", "default_group"]
 
 
 def default_group(group, rank: int, world_size: int):

@@ -7,16 +7,17 @@ dtype, whether backward will run, settings that must agree) with a timeout, and 
 raises the same clear error if anything is off. Only then does the real exchange start.
 
 The wait is bounded by XFAST_DIST_TIMEOUT_S seconds (default 1800, torch's default process
-group timeout): a rank that never reaches the op (crashed, or took another code path) gives
-a RuntimeError naming the op instead of a hang. Keep it above the longest time ranks can
+group timeout) and by the group's own timeout: a rank that never reaches the op (crashed, or
+took another code path) gives a RuntimeError naming the op, how long this rank really waited
+and which ranks did not arrive, instead of a hang. Keep it above the longest time ranks can
 legitimately drift apart (e.g. rank 0 evaluating while the others wait).
 """
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,26 +86,105 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def _float_bits(v) -> int:
-    # A value that is not a number is reported by the op's own validation; it must not
-    # raise here, before the exchange, or the other ranks would wait for this one.
+# Record layout: every rank all-gathers one fixed-size int64 record, whatever op it is in, so
+# ranks that reached different ops still exchange and can say so instead of hanging.
+HEADER = ("kind", "message_bytes", "rows", "cols", "dim", "dtype", "needs_grad")
+OP_SLOTS = 4  # op name, 32 bytes
+MAX_SETTINGS, SETTING_SLOTS = 8, 3  # (type tag, 16 bytes of value)
+_NUMBER, _BOOL, _TEXT, _BAD = 1, 2, 3, 4
+
+
+def _pack(data: bytes, slots: int) -> list[int]:
+    return list(struct.unpack(f"<{slots}q", data[: 8 * slots].ljust(8 * slots, b"\0")))
+
+
+def _unpack(ints, length: int | None = None) -> bytes:
+    data = struct.pack(f"<{len(ints)}q", *ints)
+    return data[:length] if length is not None else data.rstrip(b"\0")
+
+
+def _encode_setting(value) -> list[int]:
+    """A setting as (tag, two int64s). A value that is not a number, bool or string is
+    reported by the op's own validation; it must not raise here, before the exchange."""
+    if isinstance(value, bool):
+        return [_BOOL, int(value), 0]
+    if isinstance(value, str):
+        return [_TEXT, *_pack(value.encode(), 2)]
     try:
-        v = float(v)
-    except (TypeError, ValueError):
-        v = math.nan
-    return struct.unpack("<q", struct.pack("<d", v))[0]
+        number = float(value)  # a python number or a 1-element tensor
+    except Exception:  # noqa: BLE001 - see the docstring
+        return [_BAD, 0, 0]
+    return [_NUMBER, struct.unpack("<q", struct.pack("<d", number))[0], 0]
 
 
-def agree(op: str, group, describe: Callable[[], LocalShape], same: dict[str, float] | None = None) -> Layout:
+def _decode_setting(tag: int, a: int, b: int) -> str:
+    if tag == _BOOL:
+        return repr(bool(a))
+    if tag == _TEXT:
+        return repr(_unpack([a, b]).decode(errors="replace"))
+    if tag == _NUMBER:
+        return repr(struct.unpack("<d", struct.pack("<q", a))[0])
+    return "(invalid)"
+
+
+class _Arrivals:
+    """Which ranks reached an agreement call, kept in the process group's store.
+
+    Each rank writes the number of agreement calls it has entered on the group (one small
+    store write per call); after a timeout the ranks whose count is behind this rank's are
+    the ones that never arrived."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    @staticmethod
+    def _store():
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - private API: without it the message names no rank
+            return None
+
+    @staticmethod
+    def _key(group, rank: int) -> str:
+        return f"xfast/agree/{group.group_name}/{rank}"
+
+    def enter(self, group, rank: int, op: str) -> int:
+        count = self.calls.get(group.group_name, 0) + 1
+        self.calls[group.group_name] = count
+        store = self._store()
+        if store is not None:
+            store.set(self._key(group, rank), f"{count} {op}")
+        return count
+
+    def missing(self, group, rank: int, world: int, count: int) -> str:
+        store = self._store()
+        if store is None:
+            return "one of them"
+        late = []
+        for r in range(world):
+            key = self._key(group, r)
+            seen = store.get(key).decode().split(" ", 1) if store.check([key]) else ["0", "nothing yet"]
+            if int(seen[0]) < count:
+                late.append(f"rank {r} (its last call was {seen[1]})" if seen[0] != "0" else f"rank {r} (no call yet)")
+        return ", ".join(late) if late else "one of them"
+
+
+_arrivals = _Arrivals()
+
+
+def agree(op: str, group, describe: Callable[[], LocalShape], same: dict | None = None) -> Layout:
     """Runs `describe` (local validation returning the local shape) on every rank and
     returns the agreed Layout, or raises the same error on every rank.
 
-    `same` holds settings that must be equal on all ranks (they steer the communication
-    pattern, so a mismatch would hang or silently differ).
+    `same` holds settings that must be equal on all ranks (numbers, bools or strings): those
+    that steer the communication pattern, where a mismatch would hang, and the loss's scalars
+    (logit_scale, temperature, ...), where it would silently mix two losses.
     """
     check_group(group)
     limit = timeout()
     same = same or {}
+    if len(same) > MAX_SETTINGS:
+        raise ValueError(f"{op}: at most {MAX_SETTINGS} settings can be agreed on, got {len(same)}")
     try:
         local = describe()
         kind, message, local_error = 0, b"", None
@@ -114,14 +194,16 @@ def agree(op: str, group, describe: Callable[[], LocalShape], same: dict[str, fl
         text = str(err) if isinstance(err, (ValueError, RuntimeError)) else f"{type(err).__name__}: {err}"
         message = text.encode()
     message = message[:MESSAGE_BYTES]
-    header = [kind, len(message), local.rows, local.cols, local.dim, DTYPES.index(local.dtype),
-              int(local.needs_grad)] + [_float_bits(v) for v in same.values()]
-    record = torch.zeros(len(header) + MESSAGE_BYTES, dtype=torch.int64)
-    record[: len(header)] = torch.tensor(header, dtype=torch.int64)
-    record[len(header): len(header) + len(message)] = torch.tensor(list(message), dtype=torch.int64)
+    settings = [slot for value in same.values() for slot in _encode_setting(value)]
+    record = torch.tensor(
+        [kind, len(message), local.rows, local.cols, local.dim, DTYPES.index(local.dtype), int(local.needs_grad)]
+        + _pack(op.encode(), OP_SLOTS) + settings + [0] * (SETTING_SLOTS * MAX_SETTINGS - len(settings))
+        + _pack(message, MESSAGE_BYTES // 8), dtype=torch.int64)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     records = [torch.empty_like(record, device=device) for _ in range(world)]
+    count = _arrivals.enter(group, rank, op)
+    start = time.monotonic()
     work = dist.all_gather(records, record.to(device), group=group, async_op=True)
     try:
         work.wait(limit)
@@ -129,14 +211,25 @@ def agree(op: str, group, describe: Callable[[], LocalShape], same: dict[str, fl
         # raised below, until a late garbage collection) aborts the process at exit.
         del work
     except RuntimeError as err:
-        raise RuntimeError(f"{op}: rank {rank} waited {limit.total_seconds():g} s for the other ranks of the group "
-                           f"to reach the same call; one of them never called {op} (it crashed, or took another "
-                           f"code path). Set XFAST_DIST_TIMEOUT_S to change the wait. ({err})") from err
-    table = torch.stack(records).cpu().tolist()
+        waited = time.monotonic() - start
+        raise RuntimeError(
+            f"{op}: rank {rank} waited {waited:.1f} s for the other ranks of the group (of {world}) to reach the "
+            f"same call; {_arrivals.missing(group, rank, world, count)} did not arrive (crashed, or took another "
+            f"code path). The wait is bounded by XFAST_DIST_TIMEOUT_S={limit.total_seconds():g} s and by the "
+            f"process group's own timeout, whichever ends first. ({err})") from err
+    return _layout(op, group, rank, world, same, torch.stack(records).cpu().tolist(), local_error)
 
+
+def _layout(op, group, rank, world, same, table, local_error) -> Layout:
+    """The Layout from every rank's record, or the same error on every rank."""
+    h, o, m = len(HEADER), len(HEADER) + OP_SLOTS, len(HEADER) + OP_SLOTS + SETTING_SLOTS * MAX_SETTINGS
+    ops = [_unpack(row[h:o]).decode(errors="replace") for row in table]
+    if len(set(ops)) > 1:
+        raise ValueError(f"{op}: the ranks reached different calls: "
+                         + ", ".join(f"rank {r} is in {name}" for r, name in enumerate(ops)))
     for r, row in enumerate(table):
         if row[0]:
-            text = bytes(row[len(header): len(header) + row[1]]).decode(errors="replace")
+            text = _unpack(row[m:], row[1]).decode(errors="replace")
             where = "this rank" if r == rank else f"rank {r}"
             raise ERROR_KINDS[row[0]](f"{op}: invalid input on {where} (of {world}): {text}") from (
                 local_error if r == rank else None)
@@ -154,9 +247,8 @@ def agree(op: str, group, describe: Callable[[], LocalShape], same: dict[str, fl
                          + ", ".join(f"rank {r} {g}" for r, g in enumerate(grads))
                          + "); every rank must take part in the backward exchange")
     for i, name in enumerate(same):
-        values = [row[7 + i] for row in table]
+        values = [tuple(row[o + SETTING_SLOTS * i: o + SETTING_SLOTS * (i + 1)]) for row in table]
         if len(set(values)) > 1:
-            shown = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
             raise ValueError(f"{op}: {name} must be the same on every rank, got "
-                             + ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(shown)))
+                             + ", ".join(f"rank {r}: {_decode_setting(*v)}" for r, v in enumerate(values)))
     return Layout(group, rank, world, tuple(row[2] for row in table), tuple(row[3] for row in table))

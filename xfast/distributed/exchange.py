@@ -10,6 +10,8 @@ single-tensor collectives want equal sizes); equal counts need no copy at all.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -168,3 +170,50 @@ class Ring:
     def owner(self, step: int) -> int:
         """Whose block this rank holds at `step` (its own at step 0)."""
         return (self.rank - step) % self.world
+
+    def blocks(self, own: torch.Tensor, sizes: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yields (owner, block) for every rank's block, this rank's own first: block q is
+        received from rank-1 while the caller works on the one before. Rank q's block has
+        sizes[q] rows; every rank must walk the whole ring."""
+        block = own.contiguous()
+        for step in range(self.world):
+            owner = self.owner(step)
+            last = step == self.world - 1
+            if not last:
+                incoming = block.new_empty((sizes[(owner - 1) % self.world],) + tuple(block.shape[1:]))
+                pending = self.shift(block, incoming, Ring.TAG_BLOCK)
+            yield owner, block
+            if not last:
+                Ring.wait(pending)
+                block = incoming
+
+
+class RingAccumulator:
+    """A per-block accumulator that travels behind the blocks of Ring.blocks.
+
+    At each step a rank merges its part for the block it holds into what arrived from rank-1
+    for that block and sends the result on to rank+1; after the last step every rank holds
+    the total of its own block (merged over all ranks). merge: e.g. torch.logaddexp for
+    partial logsumexps, torch.add for gradient sums."""
+
+    def __init__(self, ring: Ring, sizes: tuple[int, ...], merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.ring, self.sizes, self.merge = ring, sizes, merge
+        self.incoming = self.pending = self.result = None
+
+    def add(self, owner: int, part: torch.Tensor) -> None:
+        """Adds this rank's part for the block of `owner` (called once per step, in order)."""
+        if self.pending is not None:
+            Ring.wait(self.pending)
+            part = self.merge(self.incoming, part)
+        if self.ring.world == 1:
+            self.result = part
+            return
+        # At the last step this receives the rank's own, now complete, total.
+        self.incoming = part.new_empty((self.sizes[(owner - 1) % self.ring.world],) + tuple(part.shape[1:]))
+        self.pending = self.ring.shift(part.contiguous(), self.incoming, Ring.TAG_ACCUMULATOR)
+
+    def total(self) -> torch.Tensor:
+        if self.ring.world == 1:
+            return self.result
+        Ring.wait(self.pending)
+        return self.incoming

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from xfast._checks import check_finite, check_float_matrix
+from xfast._checks import check_alike, check_finite, check_float_matrix
+from xfast.backends import accumulation_dtype
 from xfast.distributed.checks import LocalShape, agree
 from xfast.distributed.exchange import Ring, gather_rows
-from xfast.ops.similarity_lse import accumulation_dtype
 
 TOPK_MODES = ("allgather", "ring")
 
@@ -31,12 +31,7 @@ def _check_matrix(name: str, t) -> None:
 def _check_local(queries, keys, k, block, mode) -> None:
     _check_matrix("queries", queries)
     _check_matrix("keys", keys)
-    if keys.device != queries.device:
-        raise ValueError(f"keys are on {keys.device} but queries are on {queries.device}")
-    if keys.dtype != queries.dtype:
-        raise ValueError(f"keys have dtype {keys.dtype} but queries have {queries.dtype}")
-    if keys.shape[1] != queries.shape[1]:
-        raise ValueError(f"keys have dim {keys.shape[1]} but queries have {queries.shape[1]}")
+    check_alike(("queries", "keys"), (queries, keys), same_rows=False)
     for name, v in (("k", k), ("block", block)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -106,7 +101,7 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, group=
         return LocalShape(queries.shape[0], keys.shape[0], queries.shape[1], queries.dtype, False)
 
     layout = agree("similarity_topk", group, describe,
-                   {"k": k, "mode": float(TOPK_MODES.index(mode)) if mode in TOPK_MODES else -1.0})
+                   {"k": k, "mode": mode})
     if k > layout.total_cols:
         raise ValueError(f"similarity_topk: k={k} is larger than the number of keys over all ranks "
                          f"({layout.total_cols}: " + ", ".join(f"rank {r} has {n}" for r, n in enumerate(layout.cols))
@@ -117,16 +112,6 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, group=
     if mode == "allgather":
         top.add(gather_rows(keys, layout.cols, group), 0)
         return top.scores, top.index
-    ring = Ring(group)
-    shard = keys
-    for step in range(ring.world):
-        owner = ring.owner(step)
-        last = step == ring.world - 1
-        if not last:
-            incoming = keys.new_empty((layout.cols[(owner - 1) % ring.world], keys.shape[1]))
-            pending = ring.shift(shard, incoming, Ring.TAG_BLOCK)
+    for owner, shard in Ring(group).blocks(keys, layout.cols):
         top.add(shard, layout.col_start(owner))
-        if not last:
-            Ring.wait(pending)
-            shard = incoming
     return top.scores, top.index

@@ -66,7 +66,3 @@ def unit_rows(name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"{name} row {int(zero[0])} is all zeros, so it has no direction to normalise")
     return x / norms
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; half types are scored in float32 so ranks are not decided by 8-bit mantissas."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xfast.eval._checks import check_block, check_index, check_ks, check_matrix, check_same_device, compute_dtype, unit_rows
+from xfast.backends import accumulation_dtype
+from xfast.eval._checks import check_block, check_index, check_ks, check_matrix, check_same_device, unit_rows
 
 
 @dataclass
@@ -90,7 +91,7 @@ def retrieval_ranks(
         "text_to_media", text_to_media, length=num_text, upper=num_media, upper_name="media_emb rows", device=media_emb.device
     )
     captions = caption_table(owner, num_media)
-    dtype = compute_dtype(media_emb)
+    dtype = accumulation_dtype(media_emb)
     media = unit_rows("media_emb", media_emb, dtype)
     text = unit_rows("text_emb", text_emb, dtype)
 

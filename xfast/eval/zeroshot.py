@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from xfast.eval._checks import check_block, check_index, check_ks, check_matrix, check_same_device, compute_dtype, unit_rows
+from xfast.backends import accumulation_dtype
+from xfast.eval._checks import check_block, check_index, check_ks, check_matrix, check_same_device, unit_rows
 from xfast.eval.tasks import check_templates
 
 IMAGE_TEMPLATES = ("a photo of a {}.",)
@@ -40,7 +41,7 @@ def average_prompts(class_text_emb: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"class_text_emb must be [classes, prompts, dim], got {shape}")
     c, p, d = class_text_emb.shape
     check_matrix("class_text_emb", class_text_emb.reshape(c * p, d))
-    dtype = compute_dtype(class_text_emb)
+    dtype = accumulation_dtype(class_text_emb)
     prompts = unit_rows("class_text_emb", class_text_emb.reshape(c * p, d), dtype).reshape(c, p, d)
     return unit_rows("class_text_emb (prompt average)", prompts.mean(1), dtype)
 
@@ -103,7 +104,7 @@ def zeroshot_classify(
     labels = check_index(
         "labels", labels, length=media_emb.shape[0], upper=num_classes, upper_name="classes", device=media_emb.device
     )
-    dtype = compute_dtype(media_emb)
+    dtype = accumulation_dtype(media_emb)
     media = unit_rows("media_emb", media_emb, dtype)
     classes = unit_rows("class_text_emb", classes, dtype)
     ranks = torch.empty_like(labels)

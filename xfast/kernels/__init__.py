@@ -1,8 +1,33 @@
-"""Backends of the similarity-logsumexp primitive, one module each.
+"""Backends of the similarity-logsumexp primitive, one module each (named in xfast/backends.py).
 
-Every backend module exposes the same two functions (see xfast/ops/similarity_lse.py):
+Every backend module exposes the same three functions (see xfast/ops/similarity_lse.py):
 
+    unavailable_reason(device) -> None, or why the backend cannot run on that device
     forward(x, y, scale, diag_bias, diag_offset, with_cols) -> (row_lse, col_lse | None)
     backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col)
         -> (dx, dy, dscale)
 """
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from xfast.backends import KERNEL_MODULES, fused_backend
+
+
+def kernel_for(backend: str, device: torch.device):
+    """The kernel module for a fused backend; 'auto' is triton on CUDA, cpu otherwise.
+
+    A requested backend that cannot run here raises RuntimeError saying why: there is no
+    silent fallback. Modules load on first use (importing triton is slow).
+    """
+    name = fused_backend(backend, device)
+    try:
+        module = importlib.import_module(f"{__name__}.{KERNEL_MODULES[name]}")
+    except ImportError as err:
+        raise RuntimeError(f"backend {name!r} is unavailable: {err}") from err
+    reason = module.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
+    return module

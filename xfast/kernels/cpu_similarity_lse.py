@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from xfast.ops.similarity_lse import accumulation_dtype
+from xfast.backends import accumulation_dtype
 
 try:
     from xfast import _C

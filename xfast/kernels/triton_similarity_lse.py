@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xfast.ops.similarity_lse import accumulation_dtype
+from xfast.backends import accumulation_dtype
 
 try:
     import triton

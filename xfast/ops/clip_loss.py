@@ -5,7 +5,10 @@ import torch
 
 from xfast import reference
 from xfast._checks import check_embeddings, check_float, check_positive_scalar
-from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similarity_lse
+from xfast.backends import accumulation_dtype, check_backend
+from xfast.distributed.batch import local_shape, open_batch
+from xfast.kernels import kernel_for
+from xfast.ops.similarity_lse import similarity_lse
 
 
 def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing: float = 0.0,
@@ -22,24 +25,32 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
     ("mean": right under DDP/DeepSpeed gradient averaging, or "sum") apply only with a group;
     see xfast/distributed/__init__.py.
     """
-    if group is not None:
-        from xfast import distributed
-        return distributed.clip_loss(x, y, logit_scale, label_smoothing=label_smoothing, backend=backend,
-                                     group=group, mode=mode, grad_reduction=grad_reduction)
-    check_backend(backend)
-    check_embeddings(("x", "y"), (x, y))
-    logit_scale = check_positive_scalar("logit_scale", logit_scale, x.device)
-    eps = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    def validate():
+        check_backend(backend)
+        check_embeddings(("x", "y"), (x, y))
+        scale = check_positive_scalar("logit_scale", logit_scale, x.device)
+        eps = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        if backend != "reference":
+            kernel_for(backend, x.device)
+        return (scale, eps), local_shape(x.shape[0], y.shape[0], x, x, y, logit_scale)
+
+    batch, (logit_scale, eps) = open_batch(
+        "clip_loss", validate, group=group, mode=mode, grad_reduction=grad_reduction,
+        shared={"backend": backend, "logit_scale": logit_scale, "label_smoothing": label_smoothing})
     acc = accumulation_dtype(x)
-    if backend == "reference":
-        return reference.clip_loss(x.to(acc), y.to(acc), logit_scale.to(acc), label_smoothing=eps)
     s = logit_scale.to(acc).reshape(())
-    row_lse, col_lse, target = similarity_lse(x, y, s, with_cols=True, target_offset=0, backend=backend)
-    if not eps:
-        return ((row_lse - target).mean() + (col_lse - target).mean()) / 2
-    # Cross-entropy with smoothing eps is lse - (1 - eps) * z_target - eps * mean_j z_j, and
-    # the mean logit of row i is s * x_i . mean(y): O(N*d).
-    xa, ya = x.to(acc), y.to(acc)
-    target_row = (1 - eps) * target + eps * s * (xa @ ya.mean(0))
-    target_col = (1 - eps) * target + eps * s * (ya @ xa.mean(0))
-    return ((row_lse - target_row).mean() + (col_lse - target_col).mean()) / 2
+    if backend == "reference":
+        xa, ya = batch.gather(x.to(acc), y.to(acc))
+        return batch.replicated(reference.clip_loss(xa, ya, s, label_smoothing=eps)).reshape(())
+    row_lse, col_lse, target = similarity_lse(*batch.operands(acc, x, y), s, with_cols=True, target_offset=0,
+                                              backend=backend, exchange=batch.exchange)
+    target_row = target_col = target
+    if eps:
+        # Cross-entropy with smoothing eps is lse - (1 - eps) * z_target - eps * mean_j z_j, and
+        # the mean logit of row i is s * x_i . mean(Y) over the (global) batch: O(N*d).
+        xa, ya = x.to(acc), y.to(acc)
+        means = batch.sum(torch.stack([xa.sum(0), ya.sum(0)])) / batch.total_rows
+        target_row = (1 - eps) * target + eps * s * (xa @ means[1])
+        target_col = (1 - eps) * target + eps * s * (ya @ means[0])
+    part = ((row_lse - target_row).sum() + (col_lse - target_col).sum()) / (2 * batch.total_rows)
+    return batch.reduce(part)

@@ -5,9 +5,8 @@ import torch
 
 from xfast import reference
 from xfast._checks import check_embeddings
-from xfast.ops.similarity_lse import accumulation_dtype
-
-BACKENDS = ("auto", "reference")
+from xfast.backends import GEMM_BACKENDS, accumulation_dtype, check_backend
+from xfast.distributed.batch import local_shape, open_batch
 
 
 def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto", group=None,
@@ -22,18 +21,19 @@ def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto", grou
     Note: the CyCLIP paper scales these by its logit scale; multiply by lambda1/lambda2 outside.
     group, grad_reduction: as in clip_loss; with a group the Grams are summed over ranks.
     """
-    if group is not None:
-        from xfast import distributed
-        return distributed.cyclip_loss(x, y, backend=backend, group=group, grad_reduction=grad_reduction)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} for cyclip_loss, got {backend!r}")
-    check_embeddings(("x", "y"), (x, y))
+    def validate():
+        check_backend(backend, GEMM_BACKENDS, op="cyclip_loss")
+        check_embeddings(("x", "y"), (x, y))
+        return (), local_shape(x.shape[0], y.shape[0], x, x, y)
+
+    batch, _ = open_batch("cyclip_loss", validate, group=group, grad_reduction=grad_reduction,
+                          shared={"backend": backend})
     acc = accumulation_dtype(x)
     xa, ya = x.to(acc), y.to(acc)
     if backend == "reference":
-        return reference.cyclip_loss(xa, ya)
-    n = x.shape[0]
-    gx, gy, c = xa.T @ xa, ya.T @ ya, xa.T @ ya
+        return tuple(batch.replicated(t) for t in reference.cyclip_loss(*batch.gather(xa, ya)))
+    gx, gy, c = batch.sum(torch.stack([xa.T @ xa, ya.T @ ya, xa.T @ ya])).unbind(0)
+    n = batch.total_rows
     in_modal = (gx.square().sum() - 2 * c.square().sum() + gy.square().sum()) / n
     cross_modal = 2 * ((gx * gy).sum() - (c * c.T).sum()) / n
-    return in_modal, cross_modal
+    return batch.replicated(in_modal), batch.replicated(cross_modal)

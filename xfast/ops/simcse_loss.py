@@ -5,7 +5,10 @@ import torch
 
 from xfast import reference
 from xfast._checks import check_embeddings, check_float, check_positive_scalar
-from xfast.ops.similarity_lse import accumulation_dtype, check_backend, similarity_lse
+from xfast.backends import accumulation_dtype, check_backend
+from xfast.distributed.batch import local_shape, open_batch
+from xfast.kernels import kernel_for
+from xfast.ops.similarity_lse import similarity_lse
 from xfast.ops.unit_rows import unit_rows
 
 
@@ -21,29 +24,33 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
     group, mode, grad_reduction: as in clip_loss; with a group the columns are every rank's
     [z2 | hard_negatives] (see xfast/distributed/__init__.py).
     """
-    if group is not None:
-        from xfast import distributed
-        return distributed.simcse_loss(z1, z2, hard_negatives, temperature=temperature,
-                                       hard_negative_weight=hard_negative_weight, backend=backend, group=group,
-                                       mode=mode, grad_reduction=grad_reduction)
-    check_backend(backend)
-    names, tensors = ("z1", "z2"), (z1, z2)
-    if hard_negatives is not None:
-        names, tensors = names + ("hard_negatives",), tensors + (hard_negatives,)
-    check_embeddings(names, tensors)
-    temperature = check_positive_scalar("temperature", temperature, z1.device)
-    weight = check_float("hard_negative_weight", hard_negative_weight)
-    if weight and hard_negatives is None:
-        raise ValueError("hard_negative_weight is set but no hard_negatives were given")
+    columns = (z2,) if hard_negatives is None else (z2, hard_negatives)
+
+    def validate():
+        check_backend(backend)
+        check_embeddings(("z1", "z2", "hard_negatives")[:1 + len(columns)], (z1, *columns))
+        tau = check_positive_scalar("temperature", temperature, z1.device)
+        weight = check_float("hard_negative_weight", hard_negative_weight)
+        if weight and hard_negatives is None:
+            raise ValueError("hard_negative_weight is set but no hard_negatives were given")
+        if backend != "reference":
+            kernel_for(backend, z1.device)
+        return (tau, weight), local_shape(z1.shape[0], z1.shape[0] * len(columns), z1, z1, *columns, temperature)
+
+    batch, (temperature, weight) = open_batch(
+        "simcse_loss", validate, group=group, mode=mode, grad_reduction=grad_reduction,
+        shared={"backend": backend, "temperature": temperature, "hard_negatives": hard_negatives is not None,
+                "hard_negative_weight": hard_negative_weight})
     acc = accumulation_dtype(z1)
     tau = temperature.to(acc).reshape(())
     if backend == "reference":
-        hn = None if hard_negatives is None else hard_negatives.to(acc)
-        return reference.simcse_loss(z1.to(acc), z2.to(acc), hn, temperature=tau, hard_negative_weight=weight)
-    a = unit_rows(z1, dtype=acc)
-    columns = unit_rows(z2, dtype=acc) if hard_negatives is None else unit_rows(z2, hard_negatives, dtype=acc)
-    s = 1 / tau
-    # The hard negative of anchor i is column N + i.
-    row_lse, _, target = similarity_lse(a, columns, s, diag_bias=weight, diag_offset=z1.shape[0],
-                                        with_cols=False, target_offset=0, backend=backend)
-    return (row_lse - target).mean()
+        z1, *columns = batch.gather(*(t.to(acc) for t in (z1, *columns)))
+        hn = columns[1] if len(columns) == 2 else None
+        loss = reference.simcse_loss(z1, columns[0], hn, temperature=tau, hard_negative_weight=weight)
+        return batch.replicated(loss).reshape(())
+    # Cosine similarity: rows normalised into one buffer each (no per-input copies).
+    anchors, block = unit_rows(z1, dtype=acc), unit_rows(*columns, dtype=acc)
+    # In a rank's own block [positives | hard negatives], anchor i's hard negative is entry n + i.
+    row_lse, _, target = similarity_lse(anchors, block, 1 / tau, diag_bias=weight, diag_offset=z1.shape[0],
+                                        with_cols=False, target_offset=0, backend=backend, exchange=batch.exchange)
+    return batch.reduce((row_lse - target).sum() / batch.total_rows)

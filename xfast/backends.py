@@ -1,0 +1,40 @@
+"""The backend registry: names of the similarity-logsumexp backends, the kernel module behind
+each fused one, and the accumulation dtype every backend shares.
+
+A leaf module (it imports torch only): kernels, ops, distributed and eval import it and it
+imports none of them, so no import cycle can run through it. A new fused backend is a module
+in xfast/kernels/ exposing forward, backward and unavailable_reason (see xfast/kernels/__init__.py)
+plus one entry in KERNEL_MODULES.
+"""
+from __future__ import annotations
+
+import torch
+
+# Fused backends: name -> module under xfast.kernels.
+KERNEL_MODULES = {"cpu": "cpu_similarity_lse", "triton": "triton_similarity_lse"}
+# "auto" picks a fused backend by device; "reference" materialises the logits (the oracle).
+BACKENDS = ("auto", *KERNEL_MODULES, "reference")
+# Losses that are a few GEMMs and nothing else (CyCLIP) have no kernel to choose.
+GEMM_BACKENDS = ("auto", "reference")
+
+
+def check_backend(backend, choices: tuple[str, ...] = BACKENDS, *, op: str | None = None) -> None:
+    if backend not in choices:
+        where = f" for {op}" if op else ""
+        raise ValueError(f"backend must be one of {choices}{where}, got {backend!r}")
+
+
+def fused_backend(backend: str, device: torch.device) -> str:
+    """The fused backend that runs `backend` on `device`: 'auto' is triton on CUDA, cpu otherwise."""
+    check_backend(backend)
+    if backend == "reference":
+        raise ValueError("the reference backend materialises the logits and has no fused kernel")
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "cpu"
+    return backend
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """Kernels, losses and metrics accumulate in float32, or float64 for float64 inputs
+    (half types are never accumulated in their 8- or 11-bit mantissas)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
