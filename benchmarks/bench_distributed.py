@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -86,14 +85,10 @@ def reset_peak_rss() -> None:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(method: str, world: int, n: int, d: int, repeat: int) -> dict:
     import torch.multiprocessing as mp
+
+    from xfast.distributed.rendezvous import free_port
 
     threads = max(1, (os.cpu_count() or 1) // world)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when a rank starts

@@ -4,20 +4,15 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from xfast.distributed.rendezvous import free_port
+
 # Spawned ranks share the machine's cores with each other and with CI.
 THREADS_PER_RANK = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn, args, timeout_s: float) -> None:

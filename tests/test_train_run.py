@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import xfast
+from xfast.distributed.rendezvous import free_port
 from xfast.training import demo_data
 
 TRAIN_PY = Path(xfast.__file__).resolve().parent / "train.py"
@@ -175,12 +175,6 @@ def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, wor
         assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_rank_zero3_matches_one_rank(workdir):
     """One shard read by 2 ranks splits sample-wise (even/odd), so the 2 x 8 global batch holds the
     same 16 samples as the 1-rank batch; without dropout or augmentation the runs must agree."""
@@ -197,7 +191,7 @@ def test_two_rank_zero3_matches_one_rank(workdir):
     one = run(train_command(cfg_path, f"output_dir={workdir / 'one'}", "data.batch_size=16",
                             "deepspeed.zero_stage=0"), cwd=workdir)
     assert one.returncode == 0, one.stderr[-4000:]
-    two = run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+    two = run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
                "--cfg", str(cfg_path), "--set", f"output_dir={workdir / 'two'}", "--set", "deepspeed.zero_stage=3"],
               cwd=workdir, timeout=400)
     assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]

@@ -19,12 +19,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from xfast.distributed.rendezvous import free_port
 from xfast.training import demo_data
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
@@ -36,17 +36,11 @@ MEASURED = {"demo_clap_tiny": (61.0, 25.0, 1000), "demo_clip_tiny": (81.0, 25.0,
 GENERATE_S = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(config: str, output_dir: Path, ranks: int, overrides: list[str]) -> tuple[int, float]:
     """Run the trainer through the deepspeed launcher; returns (exit code, seconds)."""
     launcher = Path(sys.executable).with_name("deepspeed")
     command = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), str(TRAIN_PY), "--cfg", config,
+               "--master_port", str(free_port()), str(TRAIN_PY), "--cfg", config,
                "--set", f"output_dir={output_dir}"]
     for override in overrides:
         command += ["--set", override]

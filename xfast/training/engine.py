@@ -6,12 +6,12 @@ The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer: DeepSp
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 from torch import nn
 
 from xfast.config import ConfigError
+from xfast.distributed.rendezvous import free_port
 from xfast.training.run_dir import lr_factor
 
 # Parameters that get no weight decay (open_clip's rule): 1-D tensors (biases, norm gains,
@@ -29,11 +29,8 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() == "cpu":
         if os.environ["WORLD_SIZE"] == "1":
