@@ -292,8 +292,21 @@ def test_unset_variables_are_reported_together_once_per_launch(tmp_path):
             assert "3 environment variable(s) not set" in result.stderr and "Traceback" not in result.stderr
             for name in ("XFAST_TEXT_ENCODER", "XFAST_TRAIN_SHARDS", "XFAST_EVAL_SHARDS"):
                 assert f"${name}  used by" in result.stderr
+            assert "(HF save_pretrained: config.json, weights" in result.stderr
         else:
             assert result.stderr == ""
+
+
+def test_torchrun_failure_summary_gets_the_config_error(tmp_path):
+    """torchrun prints the worker's error file as the root cause: ours holds the message."""
+    error_file = tmp_path / "error.json"
+    rc, heavy, _, _ = cli("--cfg", "demo_clap_tiny", "--set", "train.lr=-1", cwd=tmp_path,
+                          env={"TORCHELASTIC_ERROR_FILE": str(error_file)})
+    assert rc == 2 and heavy == []
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"] == "ConfigError: train.lr: must be > 0, got -1.0"
+    assert message["extraInfo"]["py_callstack"] == "config error: train.lr: must be > 0, got -1.0"
+    int(message["extraInfo"]["timestamp"])
 
 
 # 6. Config errors without the model stack -----------------------------------------------------

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -119,6 +120,14 @@ def _say(text: str) -> None:
 
 def _config_error(err: ConfigError) -> int:
     _say(f"xfast train: config error: {err}")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchrun's failure summary shows this file's text as the root cause, in place of its
+        # "To enable traceback see ..." line (the format of torch's ErrorHandler.record_exception).
+        text = f"config error: {err}"
+        with open(error_file, "w") as handle:
+            json.dump({"message": {"message": f"ConfigError: {err}",
+                                   "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}, handle)
     return 2
 
 

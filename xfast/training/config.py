@@ -11,6 +11,7 @@ error it can find in well under a second.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -434,7 +435,8 @@ def load_config(names_or_paths: str | list[str], overrides: list[str] = ()) -> T
         raw.setdefault("output_dir", f"{RUNS_DIR}/{run_name(names)}")
         return parse(TrainConfig, expand_variables(raw), "config")
     except ConfigError as err:  # report "train.lr", not "config.train.lr" (also inside the message)
-        raise ConfigError(re.sub(r"(^|[\s(])config\.(?=\w)", r"\1", str(err))) from None
+        sections = "|".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ConfigError(re.sub(rf"(^|[\s(])config\.(?=({sections})\b)", r"\1", str(err))) from None
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
