@@ -444,6 +444,7 @@ def test_checkpoint_step_reads_the_latest_pointer(tmp_path):
 
 # 1 + 2 end to end: a real run, extended, then another config refused in its folder -----------------
 
+@pytest.mark.slow
 def test_real_run_extended_trains_on_and_another_config_is_refused(tmp_path, demo_root):
     pytest.importorskip("deepspeed")
     cfg = {
