@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_run import TRAIN_PY, VENV_BIN, _free_port, clean_env, final_weights, tiny_config, train_command
+from test_train_run import TRAIN_PY, VENV_BIN, clean_env, final_weights, tiny_config, train_command
+from xfast.distributed.rendezvous import free_port
 from xfast.training import demo_data
 
 VOLATILE = ("samples_per_s", "data_wait_share")  # wall-clock measurements
@@ -106,7 +107,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(data):
     cfg["eval"] = {}
     cfg_path.write_text(json.dumps(cfg))
     output = data / "two_ranks"
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
                "--cfg", str(cfg_path), "--set", f"output_dir={output}"]
     result = run_with_fault(command, data, "train.step@2:TERM/1")
     out = result.stdout + result.stderr
