@@ -297,6 +297,7 @@ def test_no_host_sync_on_cuda():
 COMPILE_CASES = [("bf16", 512), ("bf16", 1024), ("fp16", 128), ("tf32", 512), ("fp32", 512), ("fp64", 128)]
 
 
+@pytest.mark.slow  # ~12 compiles per arch: minutes on 2 cores
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_without_spills_on_tensor_cores(arch):
     pytest.importorskip("triton.backends.nvidia")
