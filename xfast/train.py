@@ -158,13 +158,14 @@ def train(cfg: TrainConfig) -> int:
     )
     from xfast.training.evaluation import run_evaluation
     from xfast.training.faults import fault_point
-    from xfast.training.logging import TrainLogger
+    from xfast.training.logging import TrainLogger, setup_output
     from xfast.training.preflight import check_data_paths, check_free_space, check_writable
     from xfast.training.signals import GracefulStop
     from xfast.training.streams import EndlessStream, Streams
     from xfast.training.task import ContrastiveTask
 
     check_data_paths(cfg)
+    setup_output(cfg.logging.progress_bar)  # before any library draws a bar or warns
     rank, world = init_distributed()
     if "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores (the deepspeed launcher leaves this to the user
@@ -224,8 +225,7 @@ def train(cfg: TrainConfig) -> int:
     def evaluate(at_step: int) -> None:
         metrics = run_evaluation(engine, cfg, rank)
         if metrics:
-            logger.write(f"eval @ step {at_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-            logger.log_metrics(at_step, {f"eval/{k}": v for k, v in metrics.items()})
+            logger.log_eval(at_step, metrics)
 
     def save(at_step: int) -> None:
         checkpoints.save(engine, at_step, {"data": streams.state_dict()})
@@ -315,6 +315,7 @@ def _export(cfg: TrainConfig, checkpoints, out_dir: Path, step: int) -> None:
     """Consolidated fp32 weights of the latest checkpoint, in the models' save_pretrained format;
     written beside `out_dir` and moved into place, so a kill leaves no half-written export."""
     from xfast.models import build_model
+    from xfast.models.io import preprocessing_from_data
     from xfast.training.checkpoint import replace_dir
     from xfast.training.faults import fault_point
     from xfast.training.run_dir import EXPORT_RECORD
@@ -325,7 +326,7 @@ def _export(cfg: TrainConfig, checkpoints, out_dir: Path, step: int) -> None:
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), preprocessing=preprocessing_from_data(cfg.data))
         (folder / EXPORT_RECORD).write_text(json.dumps({"step": step}) + "\n")
         fault_point("export.written", step)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig, CLIPConfig,
-                          CLIPImageProcessor, CLIPModel)
+                          CLIPModel)
 
 from transformers.utils import logging as hf_logging
 
@@ -59,7 +59,7 @@ def write_hf_model(model, out_dir: str, kind: str, preprocessing: dict) -> dict:
     if kind == "clip":
         size = media["size"]
         # Written as the standard CLIPImageProcessor (what every transformers version loads); without
-        # torchvision transformers warns that it would pick its PIL backend, which is what it runs here.
+        # torchvision, resolving that name makes transformers warn that it picks its PIL backend.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -83,7 +83,8 @@ def write_hf_model(model, out_dir: str, kind: str, preprocessing: dict) -> dict:
     return notes
 
 
-def _clip_image_processor(size: int, media: dict) -> CLIPImageProcessor:
+def _clip_image_processor(size: int, media: dict):
+    from transformers import CLIPImageProcessor  # resolving the name is what warns (see the caller)
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
                               crop_size={"height": size, "width": size},
                               resample=3 if media["interpolation"] == "bicubic" else 2, do_rescale=True,
