@@ -5,7 +5,7 @@ PIP := .venv/bin/pip
 # torch is pinned in the same pip command as everything else so pip never picks a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 .venv/.installed: setup.py setup.cfg pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow or multiprocess (setup.cfg): under 2 minutes on 2 cores.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not multiprocess"
+
+lint: install
+	.venv/bin/ruff check .
 
 bench: install
 	$(PY) benchmarks/bench_losses.py

@@ -8,7 +8,6 @@ import os
 import tarfile
 
 import numpy as np
-import pytest
 import soundfile
 from PIL import Image
 
@@ -26,11 +25,6 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-
-
-@pytest.fixture
-def tokenizer():
-    return make_tokenizer()
 
 
 def caption(i: int) -> str:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_fixtures import audio_bytes
+from tests.data_fixtures import audio_bytes
 from xfast.config import parse
 from xfast.data.audio import AudioTransform
 from xfast.data.audio_io import decode_audio, first_mpeg_frame, mpeg_frame, open_audio, skip_id3v2

@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from data_fixtures import audio_samples, data_config, image_bytes, image_samples, keys_of, tokenizer, write_tar
+from tests.data_fixtures import audio_samples, data_config, image_bytes, image_samples, keys_of, write_tar
 from xfast.data import DataError, build_loader
 from xfast.data.image import ImageTransform
 

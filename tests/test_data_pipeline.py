@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import (audio_samples, caption, data_config, image_samples, keys_of, make_tokenizer, tokenizer,
-                           write_shards, write_tar)
+from tests.data_fixtures import (
+    audio_samples,
+    caption,
+    data_config,
+    image_samples,
+    keys_of,
+    make_tokenizer,
+    write_shards,
+    write_tar,
+)
 from xfast.config import ConfigError
 from xfast.data import DataError, build_loader, expand_urls, read_sizes
 from xfast.data.pipeline import ShardStream

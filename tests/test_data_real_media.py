@@ -11,10 +11,10 @@ import soundfile
 import soxr
 from PIL import Image
 
-from data_fixtures import data_config, tokenizer  # noqa: F401 (fixture)
-from media_corpus import PHOTOS, SOUNDS, sklearn_photos, wheel_files
-from test_data_audio_io import window_start
-from test_data_transforms import float32_rounding_bound
+from tests.data_fixtures import data_config
+from tests.media_corpus import PHOTOS, SOUNDS, sklearn_photos, wheel_files
+from tests.test_data_audio_io import window_start
+from tests.test_data_transforms import float32_rounding_bound
 from xfast.config import parse
 from xfast.data import build_loader
 from xfast.data.audio import AudioTransform, LogMel, pad_or_trim

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from data_fixtures import audio_bytes, data_config, image_bytes, image_samples, tokenizer, write_tar
+from tests.data_fixtures import audio_bytes, data_config, image_bytes, image_samples, write_tar
 from xfast.data import build_loader
 from xfast.data.shards import main
 

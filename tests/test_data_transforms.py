@@ -8,7 +8,7 @@ import soxr
 import torch
 from PIL import Image
 
-from data_fixtures import audio_bytes, image_bytes
+from tests.data_fixtures import audio_bytes, image_bytes
 from xfast.config import parse
 from xfast.data.audio import AudioTransform, LogMel, mel_filterbank, pad_or_trim
 from xfast.data.config import AudioConfig, ImageConfig

@@ -8,16 +8,12 @@ import pytest
 import torch
 
 import xfast
-from test_models_support import make_tokenizer, media_inputs, nli_inputs, text_inputs
+from tests.model_cases import media_inputs, nli_inputs, text_inputs
 from xfast.config import ConfigError, parse
 from xfast.models import ModelConfig, Objective, ObjectiveConfig, build_model
 
 STUDY = Path(xfast.__file__).parent / "configs" / "study"
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def raw_model(**changes):

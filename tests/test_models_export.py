@@ -13,17 +13,13 @@ from PIL import Image
 from transformers import ClapModel, CLIPModel, pipeline
 
 import xfast
-from hf_sources import clap_model, clip_model
-from test_models_support import CAPTIONS, make_model, make_tokenizer
+from tests.hf_sources import clap_model, clip_model
+from tests.model_cases import CAPTIONS, make_model
 from xfast.config import parse
 from xfast.models import ModelConfig, build_model
 
 CLASSES = ["dog", "cat", "bird"]
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _trained(model):

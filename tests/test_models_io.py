@@ -10,14 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from test_models_support import CAPTIONS, make_model, make_tokenizer, media_inputs, text_inputs
+from tests.model_cases import CAPTIONS, make_model, media_inputs, text_inputs
 from xfast.config import parse
 from xfast.models import ModelConfig, build_model, load_pretrained, load_tokenizer, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize("media,media_type,text", [

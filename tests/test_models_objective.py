@@ -6,17 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_models_support import (CAPTIONS, make_model, make_tokenizer, media_inputs, nli_inputs, objective,
-                                 paired_batch, text_inputs)
+from tests.model_cases import (
+    CAPTIONS,
+    make_model,
+    media_inputs,
+    nli_inputs,
+    objective,
+    paired_batch,
+    text_inputs,
+)
 from xfast.config import ConfigError, parse
 from xfast.models import ObjectiveConfig
 
 N, D = 6, 8
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def unit(*shape, seed):

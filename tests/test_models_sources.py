@@ -9,8 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_sources import (OPEN_CLIP_CFG, clap_model, clip_model, open_clip_encode_image, open_clip_encode_text,
-                        open_clip_state, write_open_clip)
+from tests.hf_sources import (
+    OPEN_CLIP_CFG,
+    clap_model,
+    clip_model,
+    open_clip_encode_image,
+    open_clip_encode_text,
+    open_clip_state,
+    write_open_clip,
+)
 from xfast.config import ConfigError, parse
 from xfast.models import ModelConfig, build_model
 

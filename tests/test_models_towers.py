@@ -8,16 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_models_support import (make_model, make_tokenizer, media_inputs, objective, paired_batch, text_inputs)
+from tests.model_cases import make_model, media_inputs, objective, paired_batch, text_inputs
 from xfast.config import ConfigError
 from xfast.models.config import POOLINGS
 
 EMBED = 16
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize("text_type", ["bert", "roberta", "clip_text"])

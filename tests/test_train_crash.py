@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_run import TRAIN_PY, VENV_BIN, clean_env, final_weights, tiny_config, train_command
+from tests.test_train_run import TRAIN_PY, VENV_BIN, clean_env, final_weights, tiny_config, train_command
 from xfast.distributed.rendezvous import free_port
 from xfast.training import demo_data
 
