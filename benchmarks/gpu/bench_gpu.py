@@ -103,7 +103,7 @@ def step_fn(method: str, peers: dict, x, y, s):
         if isinstance(peer, str):
             return peer
         if x.device.type != "cuda":
-            return "Inf-CL's Triton kernels need CUDA (not emulated in the dry run)"
+            return "needs CUDA (Inf-CL's Triton kernels; not in a dry run)"
         head_dim = 256 if x.shape[1] % 256 == 0 else x.shape[1]
         return lambda: grads_of(lambda a, b, c: (peer(a, b, scale=c, head_dim=head_dim)
                                                  + peer(b, a, scale=c, head_dim=head_dim)) / 2, x, y, s)
