@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import xfast
 from xfast.config import ConfigError
+from xfast.distributed.rendezvous import free_port
 from xfast.study.arms import Arm
 from xfast.training.config import TrainConfig, load_config
 
@@ -116,12 +116,6 @@ def _validate(run: Run, layer: dict, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_command(run: Run, plan: StudyPlan) -> list[str]:
     args = [a for layer in run.layers for a in ("--cfg", layer)]
     args += [a for override in plan.overrides for a in ("--set", override)]
@@ -130,7 +124,7 @@ def train_command(run: Run, plan: StudyPlan) -> list[str]:
     if plan.launcher == "deepspeed":
         launcher = Path(sys.executable).with_name("deepspeed")
         return [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(plan.ranks),
-                "--master_port", str(_free_port()), str(TRAIN_PY), *args]
+                "--master_port", str(free_port()), str(TRAIN_PY), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.ranks),
             str(TRAIN_PY), *args]
 
