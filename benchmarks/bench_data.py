@@ -9,8 +9,12 @@ DataLoader workers do); throughput is over the whole epoch, worker start-up incl
 to the first batch is shown too). Samples per CPU-second (this process and its workers) is the
 efficiency, which other load on a shared machine does not distort as it does wall time.
 
-    .venv/bin/python benchmarks/bench_data.py            # full run, writes benchmarks/results/data.json
-    .venv/bin/python benchmarks/bench_data.py --quick    # fewer samples
+    .venv/bin/python benchmarks/bench_data.py                    # full run, prints the table
+    .venv/bin/python benchmarks/bench_data.py --save             # ... and writes benchmarks/results/data.json
+    .venv/bin/python benchmarks/bench_data.py --before /tmp/old  # and an older checkout, side by side
+    .venv/bin/python benchmarks/bench_data.py --quick            # fewer samples, one round
+
+Each row runs in its own process (with the xfast of its checkout), rows interleaved over rounds.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -33,7 +38,7 @@ from PIL import Image
 
 from xfast.config import parse
 from xfast.data import DataConfig, build_loader
-from xfast.data.audio import LogMel, pad_or_trim
+from xfast.data.audio import mel_filterbank, pad_or_trim
 from xfast.data.image import ImageNormalizer
 
 CLIP_SECONDS = (5, 10, 20, 30)  # LAION-CLAP's sources mix short and long recordings
@@ -132,13 +137,18 @@ def naive_image(pattern: str, cfg: DataConfig, tokenizer):
 
 
 def naive_audio(pattern: str, cfg: DataConfig, tokenizer):
-    """One clip at a time: decode, resample the whole file, crop/pad, log-mel, tokenise."""
-    logmel = LogMel(cfg.audio)
+    """One clip at a time, the plain torch way: decode, resample the whole file, crop/pad,
+    torch.stft power spectrum, mel matmul, dB, tokenise."""
+    audio = cfg.audio
+    window = torch.hann_window(audio.n_fft)
+    filters = mel_filterbank(audio.sample_rate, audio.n_fft, audio.n_mels, audio.fmin, audio.fmax).T.contiguous()
     for sample in _tar_samples(pattern):
         wave, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32")
-        wave = soxr.resample(wave, rate, cfg.audio.sample_rate)
-        wave = pad_or_trim(wave, cfg.audio.num_samples, "repeatpad")
-        logmel(torch.from_numpy(wave)[None])
+        wave = soxr.resample(wave, rate, audio.sample_rate)
+        wave = torch.from_numpy(pad_or_trim(wave, audio.num_samples, "repeatpad"))
+        spec = torch.stft(wave, audio.n_fft, audio.hop_length, window=window, return_complex=True)
+        mel = filters @ spec.abs().square()
+        10 * torch.log10(mel.clamp(min=1e-10))
         tokenizer(json.loads(sample["json"])["text"][0], padding="max_length", truncation=True,
                   max_length=cfg.text.max_length, return_tensors="pt")
         yield
@@ -148,6 +158,15 @@ def _cpu_seconds() -> float:
     """CPU time of this process and its reaped children (finished DataLoader workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_naive(pattern: str, modality: str, tokenizer) -> dict:
+    cfg = parse(DataConfig, {"sources": [{"urls": pattern}], "modality": modality}, "data")
+    naive = naive_image if modality == "image" else naive_audio
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    count = sum(1 for _ in naive(pattern, cfg, tokenizer))
+    return {"samples_per_s": count / (time.perf_counter() - start),
+            "samples_per_cpu_s": count / (_cpu_seconds() - cpu), "first_batch_s": None}
 
 
 def run_pipeline(pattern: str, modality: str, workers: int, batch_size: int, tokenizer) -> dict:
@@ -166,51 +185,116 @@ def run_pipeline(pattern: str, modality: str, workers: int, batch_size: int, tok
             "first_batch_s": first - start}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data.json"),
-                        help="where to write the JSON results")
-    args = parser.parse_args(argv)
+def _child(job: dict) -> int:
+    """One row in a fresh process (its own xfast, from PYTHONPATH): prints its result as JSON."""
+    _pin()
+    tokenizer = _tokenizer()
+    if job["workers"] is None:
+        result = run_naive(job["pattern"], job["modality"], tokenizer)
+    else:
+        result = run_pipeline(job["pattern"], job["modality"], job["workers"], job["batch_size"], tokenizer)
+    print(json.dumps(result))
+    return 0
+
+
+def _pin() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
     # One torch thread everywhere, as in DataLoader workers: the naive loop and the 0-worker
     # loader are single streams too (and 2 torch threads on 2 busy cores only add contention).
     torch.set_num_threads(1)
+
+
+def _run_row(job: dict, tree: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)], env=env,
+                         capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"benchmark row {job} with xfast from {tree} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _git_label(tree: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.path.basename(os.path.abspath(tree))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and one round (smoke run)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of all rows, interleaved; each figure is the median over rounds (default 3)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also time the xfast package in DIR (another checkout, e.g. `git worktree add DIR "
+                             "<commit>`) in the same run, rows interleaved with this one's")
+    parser.add_argument("--modality", choices=["image", "audio", "both"], default="both",
+                        help="which pipelines to time (default both)")
+    parser.add_argument("--save", action="store_true", help="write the results to benchmarks/results/data.json")
+    parser.add_argument("--out", help="write the results as JSON to this path instead")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(json.loads(args.child))
+    _pin()
     n_images, n_clips = (256, 32) if args.quick else (1024, 128)
-    tokenizer = _tokenizer()
+    rounds = 1 if args.quick else args.rounds
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = [("xfast", here)] + ([(f"xfast before ({_git_label(args.before)})", args.before)] if args.before else [])
+    modalities = ["image", "audio"] if args.modality == "both" else [args.modality]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        patterns = {"image": make_image_shards(tmp, n_images, 64), "audio": make_audio_shards(tmp, n_clips, 32)}
-        for modality, naive in (("image", naive_image), ("audio", naive_audio)):
-            cfg = parse(DataConfig, {"sources": [{"urls": patterns[modality]}], "modality": modality}, "data")
-            start, cpu = time.perf_counter(), _cpu_seconds()
-            count = sum(1 for _ in naive(patterns[modality], cfg, tokenizer))
-            base = count / (time.perf_counter() - start)
-            rows.append({"pipeline": modality, "loader": "naive loop", "samples_per_s": base, "speedup": 1.0,
-                         "samples_per_cpu_s": count / (_cpu_seconds() - cpu), "first_batch_s": None})
-            for workers in (0, 1, 2):
-                result = run_pipeline(patterns[modality], modality, workers, args.batch_size, tokenizer)
-                rows.append({"pipeline": modality, "loader": f"xfast, {workers} workers", **result,
-                             "speedup": result["samples_per_s"] / base})
+        for modality in modalities:
+            pattern = (make_image_shards(tmp, n_images, 64) if modality == "image"
+                       else make_audio_shards(tmp, n_clips, 32))
+            jobs = [("naive loop", here, None)] + [(f"{label}, {w} workers", tree, w)
+                                                    for w in (0, 1, 2) for label, tree in trees]
+            results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
+            for _ in range(rounds):
+                for name, tree, workers in jobs:
+                    job = {"pattern": pattern, "modality": modality, "workers": workers,
+                           "batch_size": args.batch_size}
+                    results[name].append(_run_row(job, tree))
+            for name, _, _ in jobs:
+                per_round = results[name]
+                speedups = [r["samples_per_s"] / n["samples_per_s"] for r, n in zip(per_round, results["naive loop"])]
+                first = [r["first_batch_s"] for r in per_round if r["first_batch_s"] is not None]
+                rows.append({"pipeline": modality, "loader": name,
+                             "samples_per_s": float(np.median([r["samples_per_s"] for r in per_round])),
+                             "speedup": float(np.median(speedups)),
+                             "samples_per_cpu_s": float(np.median([r["samples_per_cpu_s"] for r in per_round])),
+                             "first_batch_s": float(np.median(first)) if first else None})
     lines = ["| pipeline | loader | samples/s | vs naive | samples per CPU-s | first batch (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for row in rows:
         first = "" if row["first_batch_s"] is None else f"{row['first_batch_s']:.2f}"
         lines.append(f"| {row['pipeline']} | {row['loader']} | {row['samples_per_s']:.1f} | "
                      f"{row['speedup']:.2f}x | {row['samples_per_cpu_s']:.1f} | {first} |")
-    lines.append(f"(load average while running: {os.getloadavg()[0]:.1f} on "
-                 f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines.append(f"(median of {rounds} interleaved rounds; load average at the end: {os.getloadavg()[0]:.1f} "
+                 f"on {cores} cores)")
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows, "batch_size": args.batch_size, "images": n_images, "clips": n_clips,
-                   "load_average_1min": os.getloadavg()[0],
-                   "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                   "machine": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
-                  f, indent=1)
+    out = args.out or (os.path.join(os.path.dirname(__file__), "results", "data.json") if args.save else None)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"rows": rows, "batch_size": args.batch_size, "images": n_images, "clips": n_clips,
+                       "rounds": rounds, "load_average_1min": os.getloadavg()[0], "cores": cores,
+                       "cpu": _cpu_model(), "machine": platform.platform(), "python": sys.version.split()[0],
+                       "torch": torch.__version__}, f, indent=1)
+        print(f"wrote {out}")
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -129,19 +129,21 @@ class LogMel:
     """Log-mel spectrograms in dB, HTSAT layout: a clip [samples] -> [frames, n_mels] (`clip`),
     a batch [B, samples] -> [B, 1, frames, n_mels] (call).
 
-    The STFT runs in float64 (scipy's pocketfft, faster on CPU than torch's float32 STFT): the
-    power of quiet bins comes from sums that cancel, which float32 gets wrong by up to ~1e-3
-    relative. The mel filters (sparse: each bin feeds at most two triangles) and the dB are
-    float64 too; the result is rounded once to float32.
+    The STFT (scipy's pocketfft, faster on CPU than torch's), power, mel filters (sparse: each
+    bin feeds at most two triangles) and dB run in cfg.stft_dtype; the result is float32.
+    float32 loses precision in quiet bins: their power comes from sums that cancel (up to 4e-3
+    dB on real clips); float64 gives HF's / librosa's values to float32 rounding.
     """
 
     def __init__(self, cfg: AudioConfig):
         self.n_fft = cfg.n_fft
         self.hop_length = cfg.hop_length
-        self.window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)  # periodic Hann, float64
+        dtype = np.dtype(cfg.stft_dtype)
+        # Periodic Hann, and the mel filters transposed [n_mels, freqs], computed in float64.
+        self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)).astype(dtype)
         filters = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax,
                                  cfg.mel_scale, cfg.mel_norm, dtype=torch.float64).numpy()
-        self.filters_t = scipy.sparse.csr_matrix(filters.T)  # [n_mels, freqs]
+        self.filters_t = scipy.sparse.csr_matrix(filters.T.astype(dtype))
 
     def clip(self, wave: np.ndarray) -> np.ndarray:
         """float32 [frames, n_mels] of one waveform [samples]: centred frames (reflect padding)."""
@@ -151,7 +153,7 @@ class LogMel:
         if wave.shape[0] <= half:
             raise ValueError(f"a waveform of {wave.shape[0]} samples is too short for reflect padding by {half}")
         frames = sliding_window_view(np.pad(wave, half, mode="reflect"), self.n_fft)[:: self.hop_length]
-        spec = scipy.fft.rfft(frames * self.window)  # float64 multiply, complex128 [frames, freqs]
+        spec = scipy.fft.rfft(frames * self.window)  # [frames, freqs], complex in the window's precision
         power = np.square(spec.real)
         power += np.square(spec.imag)
         mel = (self.filters_t @ power.T).T  # [frames, n_mels]
