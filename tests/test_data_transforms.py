@@ -248,3 +248,30 @@ def test_logmel_batch_is_its_clips_and_shapes_are_checked():
         logmel.clip(waves)
     with pytest.raises(ValueError, match="too short for reflect padding"):
         logmel.clip(waves[0, :100])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_keeps_its_range(fmt):
+    """Pillow's convert('RGB') clips 16-bit grey at 255 (a white image); the top 8 bits are kept."""
+    y, x = np.mgrid[0:48, 0:64]
+    values = (x * 1024 + y * 16).astype(np.uint16)  # 0 .. 65264
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format=fmt)
+    assert Image.open(io.BytesIO(out.getvalue())).mode.startswith("I")
+    cfg = _image_cfg(size=64)
+    out16 = ImageTransform(cfg, train=False)(out.getvalue())  # 64x48 -> centre 48x48 -> 64x64
+    ref = ImageTransform(cfg, train=False)(image_from_array((values >> 8).astype(np.uint8)))
+    np.testing.assert_array_equal(out16, ref)
+    assert out16.min() < 40 and out16.max() > 200  # the centre spans grey 32 .. 223, not white
+
+
+def image_from_array(values: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF"])
+def test_other_pillow_formats_decode(fmt):
+    out = ImageTransform(_image_cfg(), train=False)(image_bytes(40, 30, fmt=fmt))
+    assert out.shape == (32, 32, 3) and out.std() > 10

@@ -18,8 +18,19 @@ from PIL import Image
 from xfast.data.config import ImageConfig
 from xfast.data.skips import SampleSkipped
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode to 8-bit RGB. Palette, alpha, CMYK and grey convert as Pillow does; 16-bit grey keeps
+    its top 8 bits (Pillow's own conversion clips it at 255, which turns such images white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode != "I" or values.max() > 255:  # mode I holds 8- or 16-bit grey (PNG, TIFF)
+            values = np.clip(values, 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -74,7 +85,7 @@ class ImageTransform:
                     # Decode at the smallest DCT scale whose crop still covers `size` pixels.
                     need = size if not self.train else math.ceil(size / math.sqrt(self.cfg.train_crop_scale[0]))
                     image.draft("RGB", (need, need))
-                image = image.convert("RGB")  # decodes; palette, alpha, CMYK, grey all end up RGB
+                image = to_rgb(image)  # decodes
         except Exception as err:  # Pillow raises many types for broken files
             raise SampleSkipped("corrupt_image", str(err)) from None
         width, height = image.size

@@ -1,7 +1,7 @@
 """`xfast shards`: write WebDataset shards from a media folder and a caption table; check shards.
 
 Written layout (readable by img2dataset/open_clip and LAION-CLAP loaders alike):
-  image: KEY.jpg|png|webp + KEY.txt (first caption) + KEY.json {"text", "caption", "file"}
+  image: KEY.jpg|png|webp|bmp|gif|tif|tiff + KEY.txt (first caption) + KEY.json {"text", "caption", "file"}
   audio: KEY.flac|wav|mp3|ogg|opus + KEY.json {"text", "tag", "file"}
 Keys are running numbers (000000000, 000000001, ...); sizes.json maps shard names to counts.
 """
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from xfast.data.audio import AUDIO_EXTENSIONS
 from xfast.data.audio_io import decode_audio
-from xfast.data.image import IMAGE_EXTENSIONS
+from xfast.data.image import IMAGE_EXTENSIONS, to_rgb
 from xfast.data.skips import SampleSkipped, empty_counts
 from xfast.data.sources import expand_urls, read_shard, sizes_table
 from xfast.data.config import TextConfig
@@ -121,7 +121,7 @@ def _verify(data: bytes, ext: str) -> None:
     if ext in IMAGE_EXTENSIONS:
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image.convert("RGB")
+                to_rgb(image)
         except Exception as err:
             raise SampleSkipped("corrupt_image", str(err)) from None
         return
