@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                     results[name].append(_run_row(job, tree))
             for name, _, _ in jobs:
                 per_round = results[name]
-                speedups = [r["samples_per_s"] / n["samples_per_s"] for r, n in zip(per_round, results["naive loop"])]
+                speedups = [r["samples_per_s"] / n["samples_per_s"] for r, n in zip(per_round, results["naive loop"], strict=True)]
                 first = [r["first_batch_s"] for r in per_round if r["first_batch_s"] is not None]
                 rows.append({"pipeline": modality, "loader": name,
                              "samples_per_s": float(np.median([r["samples_per_s"] for r in per_round])),

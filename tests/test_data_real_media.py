@@ -104,7 +104,7 @@ def write_table(path, files, captions) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "caption"])
-        writer.writerows(zip(files, captions))
+        writer.writerows(zip(files, captions, strict=True))
 
 
 def test_shards_of_real_clips_keep_every_clip(clips, tmp_path, tokenizer, capsys):
