@@ -12,7 +12,9 @@ state when it is busy:
                 faults): not a floor, the cost of writing the logits out
   reference     plain PyTorch materialising the logits (what open_clip and
                 sentence-transformers do)
-GFLOP/s counts the 8 * N * M * d flops of the four GEMMs; "peak" is the best rate this
+Times are the best of --repeat in wall seconds and, separately, in CPU seconds of the
+process (all threads; it leaves out time spent waiting for a core on a busy machine).
+GFLOP/s counts the 8 * N * M * d flops of the four GEMMs (wall time); "peak" is the best rate this
 machine's sgemm reaches on cache-resident shapes (the kernel's tile with d = 64 ... 1024,
 one 1024^3 product). "Extra MB" is the growth of peak RSS during one forward+backward in a
 fresh process (it includes the N x d gradients).
@@ -121,17 +123,20 @@ def make_step(loss: str, method: str, n: int, d: int):
 
 
 def time_worker(loss: str, methods: list[str], n: int, d: int, repeat: int) -> dict:
-    """Subprocess: best-of-`repeat` seconds per method, the methods interleaved."""
+    """Subprocess: best-of-`repeat` wall and CPU seconds per method, the methods interleaved.
+    CPU seconds (all threads) leave out the time the process waits for a core, which on a
+    shared machine is most of the noise."""
     steps = {m: make_step(loss, m, n, d) for m in methods}
     for step in steps.values():
         step()  # warm-up
-    times = {m: [] for m in methods}
+    wall, cpu = {m: [] for m in methods}, {m: [] for m in methods}
     for _ in range(repeat):
         for m, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            times[m].append(time.perf_counter() - t0)
-    return {m: min(t) for m, t in times.items()}
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+    return {m: {"seconds": min(wall[m]), "cpu_seconds": min(cpu[m])} for m in methods}
 
 
 def memory_worker(loss: str, method: str, n: int, d: int) -> dict:
@@ -177,27 +182,30 @@ def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: 
         if "error" in seconds:
             row["error"] = seconds["error"]
             continue
-        row["seconds"] = seconds[row["method"]]
+        row.update(seconds[row["method"]])
         row["gflops"] = 8 * n * columns * d / row["seconds"] / 1e9
         if memory and row["method"] != "tiled_floor":  # the floor holds one tile per thread
             row.update(subprocess_json(["--memory-worker", loss, row["method"], str(n), str(d)]))
-    floor = next((r.get("seconds") for r in rows if r["method"] == "tiled_floor"), None)
+    floor = next((r for r in rows if r["method"] == "tiled_floor" and "seconds" in r), None)
     for row in rows:
         if floor and "seconds" in row:
-            row["x_tiled_floor"] = row["seconds"] / floor
+            row["x_tiled_floor"] = row["seconds"] / floor["seconds"]
+            row["cpu_x_tiled_floor"] = row["cpu_seconds"] / floor["cpu_seconds"]
     return rows
 
 
 def table(rows: list[dict], peak: dict) -> str:
-    lines = ["| loss | N | d | method | time (s) | x tiled floor | GFLOP/s | extra MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| loss | N | d | method | time (s) | x tiled floor | CPU time (s) | x tiled floor (CPU) | GFLOP/s | extra MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | | | |")
             continue
         ratio = f"{r['x_tiled_floor']:.2f}" if "x_tiled_floor" in r else "-"
+        cpu_ratio = f"{r['cpu_x_tiled_floor']:.2f}" if "cpu_x_tiled_floor" in r else "-"
         mb = f"{r['extra_mb']:.0f}" if "extra_mb" in r else "-"
         lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {ratio} "
-                     f"| {r['gflops']:.0f} | {mb} |")
+                     f"| {r['cpu_seconds']:.2f} | {cpu_ratio} | {r['gflops']:.0f} | {mb} |")
     lines.append(f"\nmachine sgemm peak (cache-resident, {peak['shape']}): {peak['gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
@@ -264,7 +272,8 @@ def main(argv=None) -> int:
                 for row in measure(loss, n, d, args.methods, args.repeat, args.memory):
                     rows.append(row)
                     status = row.get("error") or f"{row['seconds']:.3f} s, {row['gflops']:.0f} GFLOP/s" + (
-                        f", {row['x_tiled_floor']:.2f}x tiled floor" if "x_tiled_floor" in row else "")
+                        f", {row['x_tiled_floor']:.2f}x tiled floor ({row['cpu_x_tiled_floor']:.2f}x in CPU time)"
+                        if "x_tiled_floor" in row else "")
                     print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
                 write(out, meta, peak, rows)
     print()
@@ -277,7 +286,8 @@ def write(out: Path, meta: dict, peak: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "peak": peak, "rows": rows}, indent=1))
     with out.with_suffix(".csv").open("w", newline="") as f:
-        keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "gflops", "extra_mb", "error"]
+        keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "cpu_seconds", "cpu_x_tiled_floor",
+                "gflops", "extra_mb", "error"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
