@@ -81,7 +81,7 @@ def peak_gflops() -> dict:
         reps = max(4, 2048 // d)
         flops = 2 * x.shape[0] * y.shape[0] * d * reps
         cpu.tile_gemm_floor(x, y, 1)
-        rates[f"tile 256x{d}x512"] = flops / best_seconds(lambda: cpu.tile_gemm_floor(x, y, reps), 3) / 1e9
+        rates[f"tile 256x{d}x512"] = flops / best_seconds(lambda x=x, y=y, reps=reps: cpu.tile_gemm_floor(x, y, reps), 3) / 1e9
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     rates["mm 1024^3"] = 2 * 1024**3 / best_seconds(lambda: a @ b, 5) / 1e9
     best = max(rates, key=rates.get)
@@ -156,7 +156,7 @@ def available_bytes() -> int:
 
 
 def subprocess_json(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
         return {"error": f"failed: {reason[:200]}"}
