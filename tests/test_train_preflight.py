@@ -177,3 +177,17 @@ def test_drawing_batches_leaves_the_global_rng_alone(demo, num_workers):
     for _ in range(6):  # more than one epoch of 16 samples
         stream.next()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_missing_training_data_fails_at_config_time(demo, tmp_path, capsys):
+    from xfast.train import main
+    raw = {"model": {"text": {"type": "bert", "preset": "tiny", "tokenizer": str(demo / "tokenizer")},
+                     "image": {"type": "vit", "preset": "tiny"}, "embed_dim": 16},
+           "data": {"sources": [{"urls": str(tmp_path / "shards-{0..3}.tar")}], "modality": "image", "batch_size": 4,
+                    "image": {"size": 32}, "text": {"max_length": 24}},
+           "output_dir": str(tmp_path / "run")}
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    assert main(["--cfg", str(tmp_path / "cfg.json"), "--check"]) == 2
+    assert ("config error: data.sources[0].urls: 4 of 4 shard(s) do not exist, e.g. "
+            f"'{tmp_path / 'shards-0.tar'}'") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -42,6 +42,7 @@ from xfast.training.config import (
     load_config,
     save_config,
 )
+from xfast.training.preflight import check_data_paths
 from xfast.training.run_dir import ResumePlan, archive_config, plan_resume
 
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.cfg, args.overrides)
         plan = plan_resume(cfg)
+        check_data_paths(cfg)  # every data path exists and holds samples (reads no model)
     except ConfigError as err:
         return _config_error(err)
     if args.check:
@@ -159,12 +161,11 @@ def train(cfg: TrainConfig) -> int:
     from xfast.training.evaluation import run_evaluation
     from xfast.training.faults import fault_point
     from xfast.training.logging import TrainLogger, setup_output
-    from xfast.training.preflight import check_data_paths, check_free_space, check_writable
+    from xfast.training.preflight import check_free_space, check_writable
     from xfast.training.signals import GracefulStop
     from xfast.training.streams import EndlessStream, Streams
     from xfast.training.task import ContrastiveTask
 
-    check_data_paths(cfg)
     setup_output(cfg.logging.progress_bar)  # before any library draws a bar or warns
     rank, world = init_distributed()
     if "OMP_NUM_THREADS" not in os.environ:

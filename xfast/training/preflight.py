@@ -1,7 +1,8 @@
 """Start-up checks that fail in one line before the work they protect: every data path exists
 and holds samples (before the model is built), output_dir is writable and has room for the
 checkpoints (before the first step), and no stale lock of a killed extension build would make
-DeepSpeed wait forever (before the process group starts)."""
+DeepSpeed wait forever (before the process group starts). Imports no torch: `xfast train`
+checks data paths with the config, before the model stack is loaded."""
 from __future__ import annotations
 
 import os
@@ -12,12 +13,24 @@ from pathlib import Path
 from xfast.config import ConfigError
 from xfast.data.skips import empty_counts
 from xfast.data.sources import expand_urls, read_shard, shard_format
-from xfast.training.checkpoint import checkpoint_bytes, human_bytes
 
 # Bytes per parameter of one checkpoint when none exists yet to measure: the module's weights
 # (4, fp32) and the optimizer's fp32 master copy and two AdamW moments (12).
 CHECKPOINT_BYTES_PER_PARAM = 16
 EXPORT_BYTES_PER_PARAM = 4
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 class StartupError(RuntimeError):
