@@ -18,10 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import xfast  # noqa: E402
+from tests.loss_cases import assert_close64, assert_within_torch_error, embeddings, leaf  # noqa: E402
 from xfast import reference  # noqa: E402
 from xfast.kernels import triton_similarity_lse as triton_kernel  # noqa: E402
 from xfast.ops.similarity_lse import similarity_lse  # noqa: E402
-from tests.loss_cases import assert_close64, assert_within_torch_error, embeddings, leaf, max_err  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_kernel._INTERPRETED else "cpu")
 pytestmark = pytest.mark.skipif(triton_kernel.unavailable_reason(DEVICE) is not None,

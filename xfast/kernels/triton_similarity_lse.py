@@ -65,7 +65,6 @@ exact IEEE fp32, "high"/"medium" allow TF32.
 """
 import contextlib
 import functools
-import math
 import os
 import types
 from dataclasses import dataclass
