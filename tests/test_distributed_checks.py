@@ -86,6 +86,7 @@ def two_ranks(rank, world):
     dist.barrier()
 
 
+@pytest.mark.multiprocess
 def test_mismatches_raise_on_every_rank_and_a_missing_rank_times_out():
     run_ranks(2, two_ranks)
 

@@ -72,20 +72,21 @@ def check_all_losses(rank, world, sizes, group, backends, modes, seed):
         kw = dict(group=group, backend=backend, grad_reduction=reduction, mode=mode)
         for eps in (0.0, 0.1):
             check_case(f"clip {backend} {mode} eps={eps}", rank, world, sizes, group,
-                       lambda a, b, s: xfast.clip_loss(a, b, s, label_smoothing=eps, **kw),
-                       lambda a, b, s: reference.clip_loss(a, b, s, label_smoothing=eps),
+                       lambda a, b, s, eps=eps, kw=kw: xfast.clip_loss(a, b, s, label_smoothing=eps, **kw),
+                       lambda a, b, s, eps=eps: reference.clip_loss(a, b, s, label_smoothing=eps),
                        [x, y], logit_scale, reduction, tol)
         check_case(f"simcse {backend} {mode}", rank, world, sizes, group,
-                   lambda a, b, t: xfast.simcse_loss(a, b, temperature=t, **kw),
+                   lambda a, b, t, kw=kw: xfast.simcse_loss(a, b, temperature=t, **kw),
                    lambda a, b, t: reference.simcse_loss(a, b, temperature=t),
                    [x, y], temperature, reduction, tol)
         check_case(f"simcse+hard negatives {backend} {mode}", rank, world, sizes, group,
-                   lambda a, b, c, t: xfast.simcse_loss(a, b, c, temperature=t, hard_negative_weight=0.7, **kw),
+                   lambda a, b, c, t, kw=kw: xfast.simcse_loss(a, b, c, temperature=t, hard_negative_weight=0.7, **kw),
                    lambda a, b, c, t: reference.simcse_loss(a, b, c, temperature=t, hard_negative_weight=0.7),
                    [x, y, h], temperature, reduction, tol)
     for backend, reduction in itertools.product(("auto", "reference"), ("mean", "sum")):
         check_case(f"cyclip {backend}", rank, world, sizes, group,
-                   lambda a, b: xfast.cyclip_loss(a, b, group=group, backend=backend, grad_reduction=reduction),
+                   lambda a, b, backend=backend, reduction=reduction: xfast.cyclip_loss(
+                       a, b, group=group, backend=backend, grad_reduction=reduction),
                    reference.cyclip_loss, [x, y], None, reduction, tol)
 
 
@@ -93,7 +94,7 @@ def check_float32(rank, world, sizes, group):
     x, y = global_batch(sizes, 5, count=2, dtype=torch.float32)
     for mode in ("allgather", "ring"):
         check_case(f"clip float32 {mode}", rank, world, sizes, group,
-                   lambda a, b, s: xfast.clip_loss(a, b, s, group=group, mode=mode),
+                   lambda a, b, s, mode=mode: xfast.clip_loss(a, b, s, group=group, mode=mode),
                    reference.clip_loss, [x, y], torch.tensor(20.0), "mean", (2e-5, 2e-6))
 
 
@@ -156,14 +157,16 @@ def check_ddp(rank, world, sizes):
                    mode=mode)
         loss.backward()
         for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12,
-                                       msg=lambda m: f"DDP {mode} rank {rank}: grad of {name}: {m}")
+            what = f"DDP {mode} rank {rank}: grad of {name}"
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m, what=what: f"{what}: {m}")
 
 
+@pytest.mark.multiprocess
 def test_three_ranks_uneven_batches():
     run_ranks(3, three_ranks, (3, 5, 4))
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_triton_ddp_and_single_rank_groups():
     pytest.importorskip("triton")
     run_ranks(2, two_ranks, (6, 6))

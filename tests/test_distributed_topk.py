@@ -97,5 +97,6 @@ def three_ranks(rank, world):
         similarity_topk(local_queries, bad, 2, group=dist.group.WORLD)
 
 
+@pytest.mark.multiprocess
 def test_three_ranks_uneven_shards_with_ties():
     run_ranks(3, three_ranks)

@@ -254,6 +254,7 @@ def _objective_rank_worker(rank, store, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_objective_over_a_group_equals_the_single_process_one(tmp_path):
     """Two ranks with uneven rows (and streams of different lengths) give the global loss on every
     rank, and gradients that average over ranks (DDP/DeepSpeed) to the single-process ones."""

@@ -147,6 +147,7 @@ def _two_rank_worker(rank, store, micro_batches, pair_rows, sentence_rows, out):
 
 @pytest.mark.parametrize("micro_batches, pair_rows, sentence_rows",
                          [(1, (8, 8), None), (2, (8, 8), None), (1, (10, 6), (3, 7)), (2, (10, 6), (3, 7))])
+@pytest.mark.multiprocess
 def test_two_ranks_average_to_the_whole_batch_gradient(tmp_path, micro_batches, pair_rows, sentence_rows):
     """Each rank computes the distributed loss on its own rows (uneven across ranks, and an extra
     stream with other row counts); after DeepSpeed-style averaging the gradient equals one process

@@ -117,6 +117,8 @@ def uninterrupted(workdir):
     return cfg_path, workdir / "run_a", result
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_corrupt_samples_are_skipped_and_reported(uninterrupted):
     _, run_dir, result = uninterrupted
     assert (run_dir / "final" / "xfast_config.json").is_file()
@@ -135,6 +137,8 @@ def test_corrupt_samples_are_skipped_and_reported(uninterrupted):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_demo_report_reads_a_run(uninterrupted):
     from xfast.training.demo import summarize, table
     _, run_dir, _ = uninterrupted
@@ -149,6 +153,8 @@ def test_demo_report_reads_a_run(uninterrupted):
     assert "chance R@1 = 8.3%" in report and "| tiny | text -> image |" in report
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, workdir):
     cfg_path, run_a, _ = uninterrupted
     run_b = workdir / "run_b"
@@ -175,6 +181,8 @@ def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, wor
         assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_rank_zero3_matches_one_rank(workdir):
     """One shard read by 2 ranks splits sample-wise (even/odd), so the 2 x 8 global batch holds the
     same 16 samples as the 1-rank batch; without dropout or augmentation the runs must agree."""

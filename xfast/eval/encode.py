@@ -3,7 +3,7 @@
 The model is anything with `.modality` ("image" | "audio") and the ContrastiveModel encoders
 `encode_text(input_ids, attention_mask)`, `encode_image(pixel_values)`,
 `encode_audio(features)`; the tokenizer is a Hugging Face tokenizer. Batches are the dicts of
-xfast.data's evaluation loader: "pixel_values" or "input_features"/"waveform", "captions"
+xfast.data's evaluation loader: "pixel_values" or "input_features" (see xfast.modalities), "captions"
 (list[list[str]]), a label key and "__key__".
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from xfast.modalities import MEDIA_INPUT, media_input
+
 LABEL_KEYS = ("label", "labels", "tag", "tags")
-MEDIA_INPUTS = {"image": ("pixel_values",), "audio": ("input_features", "waveform")}
 TEXT_SPACES = {"joint": "encode_text", "sentence": "sentence_embedding"}
 
 
@@ -29,7 +30,7 @@ def model_device(model) -> torch.device:
 
 def model_modality(model) -> str:
     modality = getattr(model, "modality", None)
-    if modality not in MEDIA_INPUTS:
+    if modality not in MEDIA_INPUT:
         raise ValueError(f"model.modality must be 'image' or 'audio', got {modality!r}")
     return modality
 
@@ -81,10 +82,7 @@ def encode_texts(
 def encode_media(model, batch: dict) -> torch.Tensor:
     """[B, D] float32 CPU embeddings of a batch's images or audio."""
     modality = model_modality(model)
-    key = next((k for k in MEDIA_INPUTS[modality] if k in batch), None)
-    if key is None:
-        raise ValueError(f"an {modality} batch needs one of {MEDIA_INPUTS[modality]}, got keys {sorted(batch)}")
-    x = batch[key].to(model_device(model))
+    x = media_input(batch, modality).to(model_device(model))
     emb = model.encode_image(x) if modality == "image" else model.encode_audio(x)
     return _check_output(f"model.encode_{modality}", emb, x.shape[0])
 

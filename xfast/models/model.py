@@ -8,12 +8,10 @@ import torch
 from torch import nn
 
 from xfast.config import ConfigError
+from xfast.modalities import MEDIA_INPUT, media_input
 from xfast.models.config import ModelConfig
 from xfast.models.tokenizer import load_tokenizer, vocab_facts
 from xfast.models.towers import EncoderTower, build_backbone, normalize
-
-# Batch key of each media tower's input.
-MEDIA_INPUT = {"image": "pixel_values", "audio": "input_features"}
 
 
 class ContrastiveModel(nn.Module):
@@ -66,13 +64,8 @@ class ContrastiveModel(nn.Module):
 
     def encode_media(self, batch: Mapping, *, normalized: bool = True) -> torch.Tensor:
         """encode_image(batch["pixel_values"]) or encode_audio(batch["input_features"])."""
-        key = MEDIA_INPUT[self.modality]
-        if key not in batch:
-            hint = " (the audio towers take log-mel features, not waveforms)" if "waveform" in batch else ""
-            raise ValueError(f"the {self.modality} tower needs batch[{key!r}]; the batch has keys "
-                             f"{sorted(batch)}{hint}")
         encode = self.encode_image if self.modality == "image" else self.encode_audio
-        return encode(batch[key], normalized=normalized)
+        return encode(media_input(batch, self.modality), normalized=normalized)
 
     def data_requirements(self) -> dict:
         """What the data pipeline must produce: max_text_length and the media input's sizes."""
