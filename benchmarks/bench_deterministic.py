@@ -32,8 +32,8 @@ MODES = ("default", "deterministic", "deterministic_fill")
 
 def worker(mode: str, batch_size: int, steps: int, warmup: int, root: Path) -> dict:
     import torch
-
     from bench_train import _loader, _xfast_step_fn
+
     from xfast.training.engine import make_deterministic
 
     torch.manual_seed(0)

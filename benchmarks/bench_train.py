@@ -74,8 +74,17 @@ def _xfast_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int, zero_s
 
 def _transformers_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int):
     import torch
-    from transformers import (AutoTokenizer, ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig, CLIPConfig,
-                              CLIPModel, CLIPTextConfig, CLIPVisionConfig)
+    from transformers import (
+        AutoTokenizer,
+        ClapAudioConfig,
+        ClapConfig,
+        ClapModel,
+        ClapTextConfig,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import xfast
-from xfast import reference
 from tests.loss_cases import assert_close64, embeddings, leaf
+from xfast import reference
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (2, 45), (7, 128), (64, 512), (300, 45), (1000, 128)])

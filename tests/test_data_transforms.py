@@ -15,7 +15,6 @@ from xfast.data.config import AudioConfig, ImageConfig
 from xfast.data.image import ImageNormalizer, ImageTransform, random_crop_box
 from xfast.data.skips import SampleSkipped
 
-
 # Audio ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale, norm", [("htk", None), ("slaney", "slaney"), ("slaney", None)])

@@ -180,6 +180,7 @@ def test_a_pretrained_source_evaluates_directly_and_a_run_gets_its_training_curv
     import shutil
 
     from hf_sources import clip_model
+
     from xfast.models import load_tokenizer
     source = tmp_path / "clip"  # a transformers CLIPModel folder, as downloaded, before any fine-tuning
     clip_model(vocab_size=80).save_pretrained(source)

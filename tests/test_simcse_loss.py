@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import xfast
+from tests.loss_cases import SIZES_D, SIZES_N, assert_close64, assert_within_torch_error, backends_for, embeddings, leaf
 from xfast import reference
-from tests.loss_cases import (SIZES_D, SIZES_N, assert_close64, assert_within_torch_error, backends_for,
-                              embeddings, leaf)
 
 
 def loss_and_grads(fn, z1, z2, z3, tau, **kw):

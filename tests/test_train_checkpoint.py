@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from xfast.training.checkpoint import (CheckpointError, CheckpointManager, clean_replace_leftovers, replace_dir,
-                                       tag_for)
+from xfast.training.checkpoint import CheckpointError, CheckpointManager, clean_replace_leftovers, replace_dir, tag_for
 from xfast.training.faults import _parse
 
 

@@ -8,8 +8,16 @@ import pytest
 
 from xfast.config import ConfigError
 from xfast.training import demo_data
-from xfast.training.config import (TrainConfig, builtin_configs, describe_config, expand_variables, load_config,
-                                   parse_override, resolve_config_path, save_config)
+from xfast.training.config import (
+    TrainConfig,
+    builtin_configs,
+    describe_config,
+    expand_variables,
+    load_config,
+    parse_override,
+    resolve_config_path,
+    save_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,15 @@ import pytest
 from xfast.config import ConfigError
 from xfast.training import demo, demo_data
 from xfast.training.config import builtin_configs, load_config, save_config
-from xfast.training.run_dir import (ABSENT, EXPORT_RECORD, archive_config, checkpoint_step, differences, lr_factor,
-                                    plan_resume)
+from xfast.training.run_dir import (
+    ABSENT,
+    EXPORT_RECORD,
+    archive_config,
+    checkpoint_step,
+    differences,
+    lr_factor,
+    plan_resume,
+)
 
 ARM = ["demo_clap_tiny", "study/clap_unsup", "demo_sentences"]
 HEAVY = ("torch", "transformers", "deepspeed", "webdataset")

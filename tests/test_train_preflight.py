@@ -15,8 +15,14 @@ from xfast.config import ConfigError, parse
 from xfast.data import DataConfig
 from xfast.training import demo_data
 from xfast.training.logging import TrainLogger
-from xfast.training.preflight import (StartupError, check_data_paths, check_free_space, check_shards, check_writable,
-                                      wait_for_extension_lock)
+from xfast.training.preflight import (
+    StartupError,
+    check_data_paths,
+    check_free_space,
+    check_shards,
+    check_writable,
+    wait_for_extension_lock,
+)
 
 
 @pytest.fixture(scope="module")

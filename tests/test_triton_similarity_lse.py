@@ -167,7 +167,7 @@ def test_non_contiguous_inputs():
     ours = triton_lse_grads(x_t, y_strided, s.float(), grad_row=g_row.float(), grad_col=g_col.float())
     dense = triton_lse_grads(x, y, s.float(), grad_row=g_row.float(), grad_col=g_col.float())
     for what, a, b in zip(OUTPUTS, ours, dense):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_autograd_through_similarity_lse():
@@ -427,7 +427,7 @@ def test_bitwise_reproducible_and_independent_of_the_split():
     assert plan.fwd_row_groups * plan.fwd_col_groups > 1 and plan.bwd_row_groups > 1
     for what, a, b, c in zip(OUTPUTS, first, again, single):
         assert torch.equal(a, b), f"{what} differs between two identical launches"
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_grid_fills_the_gpu_at_small_n():

@@ -74,9 +74,9 @@ class Embedder:
     def encode_image(self, images: Sequence, *, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
         """images: PIL images, file paths or encoded bytes; [len(images), embed_dim] float32 on CPU."""
         self._require("image")
+        from xfast.config import parse
         from xfast.data.config import ImageConfig
         from xfast.data.image import ImageNormalizer, ImageTransform
-        from xfast.config import parse
         cfg = parse(ImageConfig, self.preprocessing["image"], "preprocessing.image")
         transform, normalizer = ImageTransform(cfg, train=False), ImageNormalizer(cfg)
         images = _as_list(images, "images", object)

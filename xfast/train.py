@@ -241,7 +241,8 @@ def train(cfg: TrainConfig) -> int:
         names = [n for n, wanted in (("pairs", plan.cross_modal or plan.captions), ("sentences", plan.sentences),
                                      ("nli", plan.nli)) if wanted]
         micro = [dict(streams.draw(names), step=step) for _ in range(cfg.deepspeed.accumulation_steps)]
-        loss, parts, shared = whole_batch_step(engine, micro, lambda f, s, group: task.loss(f, s, step, group=group))
+        loss, parts, shared = whole_batch_step(
+            engine, micro, lambda f, s, group, step=step: task.loss(f, s, step, group=group))
         step += 1
         fault_point("train.step", step, rank)
         samples = sum(len(m[names[0]]["input_ids" if names[0] != "nli" else "anchor_input_ids"]) for m in micro)

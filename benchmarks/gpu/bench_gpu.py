@@ -187,7 +187,7 @@ def check_correctness(device: torch.device) -> list[dict]:
                 t = [torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
                      for _ in range(3)]
 
-                def run(fn, ts, scale):
+                def run(fn, ts, scale, loss_name=loss_name):
                     ts = [a.detach().clone().requires_grad_() for a in ts]
                     sc = scale.detach().clone().requires_grad_()
                     if loss_name == "clip":

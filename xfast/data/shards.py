@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from xfast.data.audio import AUDIO_EXTENSIONS
 from xfast.data.audio_io import decode_audio
+from xfast.data.config import TextConfig
 from xfast.data.image import IMAGE_EXTENSIONS, to_rgb
 from xfast.data.skips import SampleSkipped, empty_counts
 from xfast.data.sources import expand_urls, read_shard, sizes_table
-from xfast.data.config import TextConfig
 from xfast.data.text import find_captions, nli_triplet, sample_json
 
 TEXT = TextConfig()
@@ -93,7 +93,7 @@ def _read_table(path: str, args) -> list[dict]:
                     try:
                         records.append((line_no, json.loads(line)))
                     except ValueError as err:
-                        raise SystemExit(f"{path}:{line_no}: not JSON: {err}")
+                        raise SystemExit(f"{path}:{line_no}: not JSON: {err}") from err
         else:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or args.file_column not in reader.fieldnames \

@@ -9,10 +9,15 @@ non-square images); ClapFeatureExtractor ("rand_trunc", slaney mel) computes xfa
 """
 from __future__ import annotations
 
-
-from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig, CLIPConfig,
-                          CLIPModel)
-
+from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
+    ClapTextConfig,
+    CLIPConfig,
+    CLIPModel,
+)
 from transformers.utils import logging as hf_logging
 
 from xfast.models.sources import _ROBERTA_KEYS, to_hf_state_dict

@@ -25,8 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (ClapAudioConfig, ClapConfig, CLIPConfig, CLIPTextConfig,
-                          CLIPVisionConfig, PretrainedConfig, RobertaConfig)
+from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
 
 from xfast.config import ConfigError
 

@@ -20,9 +20,26 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (MODEL_MAPPING, AutoConfig, ASTConfig, ASTModel, BertConfig, BertModel, ClapAudioConfig,
-                          ClapAudioModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
-                          PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaModel, ViTConfig, ViTModel)
+from transformers import (
+    MODEL_MAPPING,
+    ASTConfig,
+    ASTModel,
+    AutoConfig,
+    BertConfig,
+    BertModel,
+    ClapAudioConfig,
+    ClapAudioModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from xfast._checks import check_finite
 from xfast.config import ConfigError
