@@ -9,14 +9,14 @@
     loss, parts = objective(feats, model.scale(), step=step)
 
 Saved models (model.save_pretrained(dir)) load back with load_pretrained(dir); dir/text is a
-plain HF (and sentence-transformers) sentence encoder, see xfast.models.io.
+plain HF (and sentence-transformers) sentence encoder, see xfast.models.io (the format).
 """
 from xfast._lazy import lazy_exports
 
 # Imported on first use, so that the config modules load without transformers.
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["ModelConfig", "ObjectiveConfig", "SimCSEConfig", "TowerConfig"], "xfast.models.config"),
-    "load_pretrained": "xfast.models.io",
+    "load_pretrained": "xfast.models.model",
     **dict.fromkeys(["ContrastiveModel", "build_model"], "xfast.models.model"),
     "Objective": "xfast.models.objective",
     **dict.fromkeys(["load_tokenizer", "train_tokenizer"], "xfast.models.tokenizer"),

@@ -12,29 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from xfast.config import ConfigError
+from xfast.models.hf_configs import class_defaults, tower_config
+from xfast.models.specs import PRESETS, SPECS, TOWER_TYPES
 
-# Tower types per modality. "auto" loads any AutoModel text encoder from a local folder.
-TOWER_TYPES: dict[str, tuple[str, ...]] = {
-    "text": ("bert", "roberta", "clip_text", "auto"),
-    "image": ("vit", "clip_vision"),
-    "audio": ("htsat", "ast"),
-}
-TEXT_POOLINGS = ("cls", "cls_mlp", "mean", "eos")
-# Allowed poolings per tower type; the first one is the default.
-POOLINGS: dict[str, tuple[str, ...]] = {
-    "bert": TEXT_POOLINGS,
-    "roberta": TEXT_POOLINGS,
-    "auto": TEXT_POOLINGS,
-    "clip_text": ("eos",) + tuple(p for p in TEXT_POOLINGS if p != "eos"),
-    # vit: the final-normed CLS token; clip_vision: CLIP's post-layernormed CLS (pooler_output).
-    "vit": ("cls", "mean"),
-    "clip_vision": ("cls", "mean"),
-    # htsat: LAION-CLAP's average over the last stage's tokens (ClapAudioModel's pooler_output).
-    "htsat": ("mean",),
-    # ast: "cls_dist" averages the CLS and distillation tokens (ASTModel's pooler_output).
-    "ast": ("cls_dist", "cls", "mean"),
-}
-PRESETS = ("tiny", "base")
+# Derived from the tower specs (xfast.models.specs): allowed poolings per type, the first the default.
+POOLINGS: dict[str, tuple[str, ...]] = {name: spec.poolings for name, spec in SPECS.items()}
 PROJECTIONS = ("linear", "mlp", "none")
 
 
@@ -137,7 +119,6 @@ class ModelConfig:
 
     def tower_configs(self, path: str = "model", source=None) -> dict[str, dict]:
         """{modality: the HF config attributes its tower is built with} (hf_configs.tower_config)."""
-        from xfast.models.hf_configs import tower_config
         if source is None and self.init_from is not None:
             source = self.source(path)
         return {modality: tower_config(tower, f"{path}.{modality}",
@@ -194,7 +175,7 @@ def _validate_tower(tower: TowerConfig, modality: str, path: str, from_source: b
     if tower.preset is not None and tower.preset not in PRESETS:
         raise ConfigError(f"{path}.preset: {tower.preset!r} is not allowed; choose one of "
                           f"{', '.join(map(repr, PRESETS))}")
-    if tower.type == "auto" and tower.pretrained is None:
+    if SPECS[tower.type].config_class is None and tower.pretrained is None:
         raise ConfigError(f"{path}.type: 'auto' loads an architecture from a 'pretrained' folder and has no presets")
     if tower.pretrained is not None and not os.path.isfile(os.path.join(tower.pretrained, "config.json")):
         raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} is not a folder with an HF config.json")
@@ -222,36 +203,14 @@ def _validate_tower(tower: TowerConfig, modality: str, path: str, from_source: b
 def _validate_dims(tower: TowerConfig, config: dict, embed_dim: int, path: str, embed_key: str) -> None:
     """Sizes in the tower's HF config (hf_configs.tower_config); a check whose keys the config does
     not state ('auto' towers of an unknown model_type) is left to the model build."""
+    check = SPECS[tower.type].check_config
+    if check is not None:
+        check(config, path)
     hidden = config.get("hidden_size")
-    if tower.type == "htsat":
-        depths, heads = config["depths"], config["num_attention_heads"]
-        merged = config["patch_embeds_hidden_size"] * 2 ** (len(depths) - 1)
-        if hidden != merged:
-            raise ConfigError(f"{path}.overrides.hidden_size: htsat needs hidden_size == patch_embeds_hidden_size * "
-                              f"2**(len(depths)-1) = {merged}, got {hidden}")
-        if len(heads) != len(depths):
-            raise ConfigError(f"{path}.overrides.num_attention_heads: one head count per stage "
-                              f"({len(depths)} depths), got {heads}")
-        for stage, count in enumerate(heads):
-            dim = config["patch_embeds_hidden_size"] * 2 ** stage
-            if dim % count:
-                raise ConfigError(f"{path}.overrides.num_attention_heads: stage {stage} width {dim} is not "
-                                  f"divisible by {count} heads")
-        if config["enable_fusion"]:
-            raise ConfigError(f"{path}.overrides.enable_fusion: not supported; the audio tower takes one log-mel "
-                              f"channel [B, 1, frames, n_mels]")
-        if config["spec_size"] % config["num_mel_bins"]:
-            raise ConfigError(f"{path}.overrides.num_mel_bins: htsat needs spec_size ({config['spec_size']}) to be a "
-                              f"multiple of num_mel_bins ({config['num_mel_bins']})")
-    elif isinstance(config.get("num_attention_heads"), int) and hidden is not None \
-            and hidden % config["num_attention_heads"]:
-        raise ConfigError(f"{path}.overrides.hidden_size: {hidden} is not divisible by num_attention_heads "
-                          f"({config['num_attention_heads']})")
     if tower.projection == "none" and hidden is not None and hidden != embed_dim:
         raise ConfigError(f"{path}.projection: 'none' needs the tower's hidden size ({hidden}) to equal "
                           f"{embed_key} ({embed_dim}); use 'linear' or 'mlp'")
     if tower.gradient_checkpointing and tower.type != "auto":
-        from xfast.models.hf_configs import class_defaults
         if not class_defaults()[tower.type]["supports_gradient_checkpointing"]:
             raise ConfigError(f"{path}.gradient_checkpointing: the HF {tower.type!r} model does not support it")
 

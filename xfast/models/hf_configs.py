@@ -18,47 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from xfast.config import ConfigError
+from xfast.models.specs import PRESETS, SPECS
 
 DEFAULTS_FILE = Path(__file__).with_name("hf_defaults.json")
 # Keys of a saved HF config that describe the file, not the model.
 _BOOKKEEPING = ("transformers_version", "_name_or_path", "dtype", "architectures")
 
-# Tower type -> the model_type a pretrained folder's config.json must declare.
-MODEL_TYPES: dict[str, str] = {
-    "bert": "bert",
-    "roberta": "roberta",
-    "clip_text": "clip_text_model",
-    "vit": "vit",
-    "clip_vision": "clip_vision_model",
-    "htsat": "clap_audio_model",
-    "ast": "audio-spectrogram-transformer",
-}
-
-_TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-# Tiny text towers share the special-token layout of xfast.models.train_tokenizer:
-# [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
-_TINY_TEXT = dict(_TINY_TRANSFORMER, vocab_size=1000, max_position_embeddings=64, pad_token_id=0)
+# Tower type -> the model_type a pretrained folder's config.json must declare (from the specs).
+MODEL_TYPES: dict[str, str] = {t: spec.model_type for t, spec in SPECS.items() if spec.model_type is not None}
+# Preset -> tower type -> HF config overrides of the class defaults (from the specs).
 PRESET_OVERRIDES: dict[str, dict[str, dict]] = {
-    # "base" starts from the HF class defaults, which are the reference sizes: BERT-base, ViT-B/16,
-    # CLIP ViT-B/32's towers, AST-base and LAION-CLAP's HTSAT; only RoBERTa needs its own numbers.
-    "base": {
-        "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2),
-    },
-    "tiny": {
-        "bert": _TINY_TEXT,
-        "roberta": dict(_TINY_TEXT, max_position_embeddings=66),
-        # CLIP's text transformer has no dropout but attention dropout; SimCSE needs some.
-        "clip_text": dict(_TINY_TEXT, bos_token_id=2, eos_token_id=3, attention_dropout=0.1),
-        "vit": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
-        "clip_vision": dict(_TINY_TRANSFORMER, image_size=32, patch_size=8),
-        "htsat": dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, patch_embeds_hidden_size=16,
-                      depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, window_size=4,
-                      enable_fusion=False),
-        "ast": dict(_TINY_TRANSFORMER, patch_size=16, num_mel_bins=16, max_length=64, frequency_stride=16,
-                    time_stride=16),
-    },
-}
+    preset: {t: spec.presets[preset] for t, spec in SPECS.items() if preset in spec.presets} for preset in PRESETS}
 # HF config attributes that hold a dropout probability, across the supported architectures.
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")
 
@@ -129,19 +99,9 @@ def read_pretrained_config(folder: str, key: str) -> dict:
 
 
 def requirements(modality: str, tower_type: str, config: Mapping) -> dict:
-    """What the data pipeline must produce for a tower with this HF config (see towers.py's
-    docstring); a value is None when the config does not state it ('auto' towers)."""
-    if modality == "text":
-        positions = config.get("max_position_embeddings")
-        # RoBERTa's positions start after the pad id.
-        offset = 2 if config.get("model_type") in ("roberta", "xlm-roberta") else 0
-        return {"max_text_length": None if positions is None else positions - offset}
-    if modality == "image":
-        return {"image_size": config["image_size"], "num_channels": config["num_channels"]}
-    if tower_type == "htsat":
-        spec, mels = config["spec_size"], config["num_mel_bins"]
-        return {"n_mels": mels, "max_frames": spec * (spec // mels)}
-    return {"n_mels": config["num_mel_bins"], "max_frames": config["max_length"]}
+    """What the data pipeline must produce for a tower with this HF config (xfast.models.specs);
+    a value is None when the config does not state it ('auto' towers)."""
+    return SPECS[tower_type].requirements(config)
 
 
 def dropout_probability(config: Mapping) -> float:
@@ -151,10 +111,11 @@ def dropout_probability(config: Mapping) -> float:
 
 
 def _installed_defaults() -> dict[str, dict]:
-    from xfast.models.towers import ARCHITECTURES
-
     out = {}
-    for tower_type, (config_class, model_class) in ARCHITECTURES.items():
+    for tower_type, spec in SPECS.items():
+        if spec.config_class is None:
+            continue
+        config_class, model_class = spec.hf_config_class(), spec.hf_model_class()
         defaults = {k: v for k, v in config_class().to_dict().items() if k not in _BOOKKEEPING}
         out[tower_type] = {"class": config_class.__name__,
                            "supports_gradient_checkpointing": bool(model_class.supports_gradient_checkpointing),

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import xfast
 from xfast.config import parse, to_dict
+from xfast.models.config import ModelConfig
 
 FORMAT = "xfast.ContrastiveModel"
 FORMAT_VERSION = 2
@@ -73,8 +74,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, preprocessing: dict | 
     preprocessing: {"text": {"max_length"}, "image": ImageConfig fields | "audio": AudioConfig fields},
     e.g. the training run's data section; default: what the model carries (model.preprocessing).
     """
-    from xfast.models.model import ContrastiveModel
-    if not isinstance(model, ContrastiveModel):
+    if not all(hasattr(model, key) for key in ("config", "modality", "text", "media", "tokenizer")):
         raise TypeError(f"save_pretrained takes a ContrastiveModel, got {type(model).__name__}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -141,10 +141,10 @@ def resolve_preprocessing(model, preprocessing: dict | None) -> dict:
     return out
 
 
-def load_pretrained(model_dir: str | os.PathLike, *, map_location: str | torch.device = "cpu"):
-    """Rebuild a ContrastiveModel written by save_pretrained (for evaluation or fine-tuning)."""
-    from xfast.models.config import ModelConfig
-    from xfast.models.model import build_model
+def read_pretrained(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """(the ModelConfig to build, the xfast_config.json document) of a folder written by
+    save_pretrained, with its paths made absolute; xfast.models.load_pretrained builds the model
+    and calls load_weights."""
     model_dir = os.fspath(model_dir)
     path = os.path.join(model_dir, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -164,8 +164,14 @@ def load_pretrained(model_dir: str | os.PathLike, *, map_location: str | torch.d
     if doc.get("weights", "xfast") != "xfast" and raw["text"].get("tokenizer") is None \
             and os.path.isfile(os.path.join(model_dir, "text", "tokenizer_config.json")):
         raw["text"]["tokenizer"] = os.path.join(model_dir, "text")
-    cfg = parse(ModelConfig, raw, "model")
-    model = build_model(cfg)
+    return parse(ModelConfig, raw, "model"), doc
+
+
+def load_weights(model, model_dir: str | os.PathLike, doc: dict, *, map_location: str | torch.device = "cpu") -> None:
+    """The heads (projections, CLS MLP, logit scale) of an 'xfast'-weights folder into a model
+    built from read_pretrained (the towers' weights came with their folders), and its
+    preprocessing."""
+    model_dir = os.fspath(model_dir)
     if doc.get("weights", "xfast") == "xfast":
         heads = load_file(os.path.join(model_dir, HEADS_NAME), device=str(map_location))
         missing, unexpected = model.load_state_dict(heads, strict=False)
@@ -174,7 +180,6 @@ def load_pretrained(model_dir: str | os.PathLike, *, map_location: str | torch.d
             raise ValueError(f"{model_dir}/{HEADS_NAME} does not match the model: missing {missing}, "
                              f"unexpected {unexpected}")
     model.preprocessing = doc.get("preprocessing") or {}
-    return model.to(map_location)
 
 
 def _write_sentence_transformers(model, text_dir: str, preprocessing: dict) -> None:

@@ -9,7 +9,9 @@ from torch import nn
 
 from xfast.config import ConfigError
 from xfast.modalities import MEDIA_INPUT, media_input
+from xfast.models import io
 from xfast.models.config import ModelConfig
+from xfast.models.objective import FeaturePlan, feature_plan
 from xfast.models.tokenizer import load_tokenizer, vocab_facts
 from xfast.models.towers import EncoderTower, build_backbone, normalize
 
@@ -72,14 +74,15 @@ class ContrastiveModel(nn.Module):
         return {**self.text.requirements(), **self.media.requirements()}
 
     def features(self, batch: Mapping | None = None, *, objective=None, step: int | None = None,
-                 sentences: Mapping | None = None, nli: Mapping | None = None) -> dict[str, torch.Tensor]:
-        """The embeddings `objective` needs at `step` (all of them [rows, dim]).
+                 plan: FeaturePlan | None = None, sentences: Mapping | None = None,
+                 nli: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """The embeddings `objective` needs at `step` (all of them [rows, dim]); a caller that
+        already holds the step's plan (objective.plan(step)) passes it as `plan` instead.
 
-        Without an objective: {"media", "text"}. Concatenate the dicts of several micro-batches
+        Without either: {"media", "text"}. Concatenate the dicts of several micro-batches
         along dim 0 and call the objective once to keep the contrastive batch whole.
         """
-        from xfast.models.objective import feature_plan
-        plan = feature_plan(objective, step)
+        plan = feature_plan(objective, step, plan)
         out: dict[str, torch.Tensor] = {}
         if plan.unsup and self.text.freeze == "all":
             raise ConfigError("model.text.freeze: unsupervised SimCSE trains the text tower, but freeze 'all' keeps "
@@ -142,8 +145,7 @@ class ContrastiveModel(nn.Module):
     def save_pretrained(self, out_dir, *, preprocessing: dict | None = None) -> str:
         """A transformers CLIPModel/ClapModel folder when the towers fit one, else HF towers + heads;
         plus text/ (sentence-transformers) and xfast_config.json. See xfast.models.io."""
-        from xfast.models.io import save_pretrained
-        return save_pretrained(self, out_dir, preprocessing=preprocessing)
+        return io.save_pretrained(self, out_dir, preprocessing=preprocessing)
 
 
 def _require(source: Mapping | None, keys, name: str) -> None:
@@ -182,3 +184,11 @@ def build_model(cfg: ModelConfig, *, path: str = "model") -> ContrastiveModel:
         model.load_state_dict(state, strict=False)  # strict=False: only the buffers fit_to_model ignores
         model.preprocessing = source.preprocessing
     return model
+
+
+def load_pretrained(model_dir, *, map_location: str | torch.device = "cpu") -> ContrastiveModel:
+    """Rebuild a ContrastiveModel written by save_pretrained (for evaluation or fine-tuning)."""
+    cfg, doc = io.read_pretrained(model_dir)
+    model = build_model(cfg)
+    io.load_weights(model, model_dir, doc, map_location=map_location)
+    return model.to(map_location)

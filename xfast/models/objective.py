@@ -27,18 +27,45 @@ from xfast.ops.simcse_loss import simcse_loss
 STAGES = ("joint", "cross_modal", "sentence")
 
 
+# The data stream each part of a step reads: the paired media-caption batch, the external
+# sentence stream (unsupervised SimCSE), the NLI triplets (supervised SimCSE).
+STREAMS = ("pairs", "sentences", "nli")
+
+
 @dataclass(frozen=True)
 class FeaturePlan:
-    """Which embeddings a step needs."""
+    """What one step computes: which embeddings, from which data streams. Computed once per step
+    (Objective.plan) and handed to the model, the objective and the data loop."""
     cross_modal: bool
     captions: bool
     sentences: bool
     nli: bool
     embedding: str
+    stage: str = "cross_modal"
 
     @property
     def unsup(self) -> bool:
         return self.captions or self.sentences
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The data streams this step reads, in STREAMS order (the first one counts the samples)."""
+        wanted = {"pairs": self.cross_modal or self.captions, "sentences": self.sentences, "nli": self.nli}
+        return tuple(name for name in STREAMS if wanted[name])
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The feature keys the objective reads."""
+        keys = []
+        if self.cross_modal:
+            keys += ["media", "text"]
+        if self.captions:
+            keys += ["text_view2", "text" if self.embedding == "projected" else "text_pooled"]
+        if self.sentences:
+            keys += ["sent_a", "sent_b"]
+        if self.nli:
+            keys += ["nli_anchor", "nli_positive", "nli_negative"]
+        return tuple(dict.fromkeys(keys))
 
 
 class Objective:
@@ -81,24 +108,16 @@ class Objective:
         return FeaturePlan(cross_modal=stage != "sentence" and self.cfg.cross_modal,
                            captions=unsup and se.source in ("captions", "both"),
                            sentences=unsup and se.source in ("sentences", "both"),
-                           nli=simcse and se.mode == "sup", embedding=se.embedding)
+                           nli=simcse and se.mode == "sup", embedding=se.embedding, stage=stage)
 
     def required_features(self, step: int | None = None) -> tuple[str, ...]:
-        p = self.plan(step)
-        keys = []
-        if p.cross_modal:
-            keys += ["media", "text"]
-        if p.captions:
-            keys += ["text_view2", "text" if p.embedding == "projected" else "text_pooled"]
-        if p.sentences:
-            keys += ["sent_a", "sent_b"]
-        if p.nli:
-            keys += ["nli_anchor", "nli_positive", "nli_negative"]
-        return tuple(dict.fromkeys(keys))
+        return self.plan(step).features
 
     def __call__(self, features: dict[str, torch.Tensor], logit_scale=None, *,
-                 step: int | None = None, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 step: int | None = None, plan: FeaturePlan | None = None,
+                 group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """logit_scale: the multiplier (model.scale()), needed unless the step is SimCSE-only.
+        plan: this step's plan (self.plan(step)) when the caller already has it.
 
         group: a torch.distributed process group, passed to every loss: each rank gives its own
         rows (counts may differ between ranks and between feature streams) and gets the loss of
@@ -106,10 +125,10 @@ class Objective:
         exact after DDP/DeepSpeed average the gradients over ranks)."""
         if not isinstance(features, dict):
             raise TypeError(f"features must be a dict of tensors, got {type(features).__name__}")
-        p = self.plan(step)
-        missing = [k for k in self.required_features(step) if k not in features]
+        p = self.plan(step) if plan is None else plan
+        missing = [k for k in p.features if k not in features]
         if missing:
-            raise ValueError(f"features lack {', '.join(missing)} (stage {self.stage(step)!r}); they have "
+            raise ValueError(f"features lack {', '.join(missing)} (stage {p.stage!r}); they have "
                              f"{', '.join(sorted(features)) or 'nothing'}")
         cfg, se = self.cfg, self.cfg.simcse
         parts: dict[str, torch.Tensor] = {}
@@ -153,8 +172,13 @@ class Objective:
         return total, parts
 
 
-def feature_plan(objective: Objective | None, step: int | None) -> FeaturePlan:
-    """What ContrastiveModel.features computes: the paired embeddings only without an objective."""
+def feature_plan(objective: Objective | None, step: int | None, plan: FeaturePlan | None = None) -> FeaturePlan:
+    """What ContrastiveModel.features computes: `plan` when given, else the objective's plan at
+    `step`, else (no objective) the paired embeddings only."""
+    if plan is not None:
+        if not isinstance(plan, FeaturePlan):
+            raise TypeError(f"plan must be an xfast.models.objective.FeaturePlan, got {type(plan).__name__}")
+        return plan
     if objective is None:
         return FeaturePlan(cross_modal=True, captions=False, sentences=False, nli=False, embedding="pooled")
     if not isinstance(objective, Objective):

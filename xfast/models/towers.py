@@ -1,16 +1,7 @@
 """Encoder towers: an HF backbone (from a preset or a local folder), pooling, projection, freezing.
 
-Inputs each tower takes (what the data pipeline must produce):
-- text: input_ids / attention_mask Long[B, L], right-padded, L <= max_text_length
-  (max_position_embeddings; minus 2 for RoBERTa, whose positions start after the pad id).
-- image: pixel_values Float[B, num_channels, image_size, image_size], normalised.
-- htsat: input_features Float[B, 1, frames, n_mels] log-mel with n_mels == num_mel_bins and
-  frames <= spec_size * (spec_size // num_mel_bins); shorter inputs are stretched to that many
-  frames by ClapAudioModel (bicubic), as LAION-CLAP does for 10 s clips (1001 -> 1024 frames).
-  is_longer is not used: feature fusion is off (one mel channel). The base preset (LAION-CLAP's
-  HTSAT) takes 64 mels x <= 1024 frames (48 kHz, hop 480, 10 s); tiny takes 16 mels x <= 256.
-- ast: input_features Float[B, 1, frames, n_mels] (squeezed to ASTModel's [B, frames, n_mels])
-  with frames == max_length and n_mels == num_mel_bins exactly (base: 1024 x 128; tiny 64 x 16).
+What each tower type is (HF classes, poolings, presets, the inputs it takes and its size checks)
+lives in its spec, xfast.models.specs.SPECS; this module builds and runs towers from the specs.
 """
 from __future__ import annotations
 
@@ -20,63 +11,38 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    MODEL_MAPPING,
-    ASTConfig,
-    ASTModel,
-    AutoConfig,
-    BertConfig,
-    BertModel,
-    ClapAudioConfig,
-    ClapAudioModel,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    RobertaConfig,
-    RobertaModel,
-    ViTConfig,
-    ViTModel,
-)
+from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
 from xfast._checks import check_finite
 from xfast.config import ConfigError
 from xfast.models import hf_configs
-from xfast.models.config import POOLINGS, TowerConfig
+from xfast.models.config import TowerConfig
 from xfast.models.heads import ClsMlp, projection_head
-from xfast.models.hf_configs import MODEL_TYPES, PRESET_OVERRIDES
+from xfast.models.specs import SPECS
 
-# type -> (HF config class, HF model class); hf_configs.MODEL_TYPES: the model_type of each.
+# type -> (HF config class, HF model class), from the specs ('auto' has none).
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "bert": (BertConfig, BertModel),
-    "roberta": (RobertaConfig, RobertaModel),
-    "clip_text": (CLIPTextConfig, CLIPTextModel),
-    "vit": (ViTConfig, ViTModel),
-    "clip_vision": (CLIPVisionConfig, CLIPVisionModel),
-    "htsat": (ClapAudioConfig, ClapAudioModel),
-    "ast": (ASTConfig, ASTModel),
-}
+    t: (spec.hf_config_class(), spec.hf_model_class()) for t, spec in SPECS.items() if spec.config_class is not None}
 
 
 def hf_config(tower: TowerConfig, path: str, *, base: PretrainedConfig | None = None) -> PretrainedConfig:
     """The HF config a tower is built from: preset (or checkpoint, or `base`: model.init_from's) plus
     overrides; no weights."""
+    spec = SPECS[tower.type]
     if base is not None:
         config = copy.deepcopy(base)
     elif tower.pretrained is not None:
         config = AutoConfig.from_pretrained(tower.pretrained)
-        if tower.type != "auto":
-            expected = MODEL_TYPES[tower.type]
-            if config.model_type != expected:
+        if spec.model_type is not None:
+            if config.model_type != spec.model_type:
                 raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} holds a {config.model_type!r} model but "
-                                  f"type {tower.type!r} needs model_type {expected!r} (or use type 'auto' for text)")
+                                  f"type {tower.type!r} needs model_type {spec.model_type!r} (or use type 'auto' "
+                                  f"for text)")
         elif getattr(config, "vocab_size", None) is None:
             raise ConfigError(f"{path}.pretrained: {tower.pretrained!r} holds a {config.model_type!r} model, not a "
                               f"text encoder (its config has no vocab_size)")
     else:
-        config = ARCHITECTURES[tower.type][0](**PRESET_OVERRIDES[tower.preset].get(tower.type, {}))
+        config = spec.hf_config_class()(**spec.presets.get(tower.preset, {}))
     reference = type(config)()
     for key, value in tower.overrides.items():
         if not hasattr(reference, key):
@@ -86,11 +52,13 @@ def hf_config(tower: TowerConfig, path: str, *, base: PretrainedConfig | None = 
 
 
 def model_class(tower: TowerConfig, config: PretrainedConfig) -> type[PreTrainedModel]:
-    if tower.type == "auto":
-        if type(config) not in MODEL_MAPPING:
-            raise ConfigError(f"model.text.pretrained: transformers has no AutoModel for {type(config).__name__}")
-        return MODEL_MAPPING[type(config)]
-    return ARCHITECTURES[tower.type][1]
+    """The spec's HF model class, or (type 'auto') the AutoModel class of `config`."""
+    spec = SPECS[tower.type]
+    if spec.model_class is not None:
+        return spec.hf_model_class()
+    if type(config) not in MODEL_MAPPING:
+        raise ConfigError(f"model.text.pretrained: transformers has no AutoModel for {type(config).__name__}")
+    return MODEL_MAPPING[type(config)]
 
 
 def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None,
@@ -145,10 +113,12 @@ class EncoderTower(nn.Module):
         super().__init__()
         self.modality = modality
         self.type = tower.type
-        self.pooling = tower.pooling or POOLINGS[tower.type][0]
+        self.spec = SPECS[tower.type]
+        self.pooling = tower.pooling or self.spec.poolings[0]
         self.mlp_only_train = tower.mlp_only_train
         self.freeze = tower.freeze
         self.backbone = backbone
+        self._requirements = None
         hidden = self.hidden_size
         self.cls_mlp = ClsMlp(hidden) if self.pooling == "cls_mlp" else None
         self.projection = projection_head(tower.projection, hidden, embed_dim)
@@ -175,42 +145,7 @@ class EncoderTower(nn.Module):
         return sentence, self.projection(mlp_out)
 
     def _pool(self, **inputs) -> torch.Tensor:
-        if self.modality == "text":
-            return self._pool_text(inputs["input_ids"], inputs["attention_mask"])
-        if self.modality == "image":
-            return self._pool_image(inputs["pixel_values"])
-        return self._pool_audio(inputs["input_features"])
-
-    def _pool_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling in ("cls", "cls_mlp"):
-            return hidden[:, 0]
-        if self.pooling == "mean":
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1)
-        # eos: the last real token of each right-padded row (CLIP's EOT, BERT's [SEP]).
-        last = attention_mask.sum(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-    def _pool_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(pixel_values=pixel_values)
-        if self.type == "clip_vision":
-            if self.pooling == "cls":
-                return out.pooler_output
-            # transformers 4 nests the layers under .vision_model; 5 does not.
-            post_layernorm = getattr(self.backbone, "vision_model", self.backbone).post_layernorm
-            return post_layernorm(out.last_hidden_state[:, 1:].mean(1))
-        hidden = out.last_hidden_state
-        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(1)
-
-    def _pool_audio(self, features: torch.Tensor) -> torch.Tensor:
-        if self.type == "htsat":
-            return self.backbone(input_features=features).pooler_output
-        out = self.backbone(input_values=features[:, 0])
-        if self.pooling == "cls_dist":
-            return out.pooler_output
-        hidden = out.last_hidden_state
-        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 2:].mean(1)
+        return self.spec.pool(self.backbone, inputs, self.pooling)
 
     # -- input checks: every error names the tensor, the expected layout and the tower's settings.
 
@@ -251,15 +186,18 @@ class EncoderTower(nn.Module):
         if x.shape[1] != 1 or x.shape[3] != n_mels:
             raise ValueError(f"input_features must be log-mel [B, 1, frames, {n_mels}] for this {self.type} tower, "
                              f"got {tuple(x.shape)}")
-        if self.type == "ast" and x.shape[2] != frames:
-            raise ValueError(f"input_features must have exactly {frames} frames (ast max_length), got {x.shape[2]}")
+        if self.spec.exact_frames and x.shape[2] != frames:
+            raise ValueError(f"input_features must have exactly {frames} frames ({self.type} max_length), "
+                             f"got {x.shape[2]}")
         if x.shape[2] > frames:
             raise ValueError(f"input_features has {x.shape[2]} frames; this htsat tower takes at most {frames}")
         return {"input_features": _finite("input_features", x).to(device, dtype)}
 
     def requirements(self) -> dict:
         """What the data pipeline must produce for this tower (see the module docstring)."""
-        return hf_configs.requirements(self.modality, self.type, self.backbone.config.to_dict())
+        if self._requirements is None:  # the config is fixed once built; check_inputs asks every step
+            self._requirements = self.spec.requirements(self.backbone.config.to_dict())
+        return self._requirements
 
     def dropout_probability(self) -> float:
         """Largest dropout probability in the backbone's config (0: two forward passes are identical)."""
