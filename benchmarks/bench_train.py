@@ -58,14 +58,17 @@ def _xfast_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int, zero_s
     model = build_model(parse(ModelConfig, {"text": {"type": text_type, "preset": "tiny", "projection": projection,
                                                      "tokenizer": str(tokenizer_dir)},
                                             **media, "embed_dim": 32}, "model"))
-    task = ContrastiveTask(model, Objective(parse(ObjectiveConfig, {}, "objective")))
+    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+    task = ContrastiveTask(model, objective)
+    plan = objective.plan(0)
     engine = build_engine(task, ds_config=deepspeed_config(
         micro_batch_size=batch_size, accumulation_steps=1, world_size=1, zero_stage=zero_stage, precision="fp32",
         gradient_clipping=1.0), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, tower_lr={},
         warmup_steps=0, total_steps=1000, min_lr_ratio=0.0)
 
     def step(batch):
-        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "step": 0}], lambda f, s, group: task.loss(f, s, 0, group=group))
+        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "plan": plan}],
+                                      lambda f, s, group: task.loss(f, s, plan, group=group))
         return float(loss)
 
     parameters = sum(p.numel() for p in model.parameters())

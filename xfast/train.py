@@ -27,21 +27,15 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (`deepspeed xfast/train.py`): Python put xfast/ itself on sys.path, where
-    # xfast's own modules (config, data, models, ...) would shadow top-level ones of that name.
+    # Run as a file (`deepspeed xfast/train.py`, the launchers' convention): Python put xfast/
+    # itself on sys.path, where xfast's subpackages shadow top-level ones of that name (e.g.
+    # transformers probes for the `kernels` package and would find xfast/kernels).
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 # Only torch-free modules here: configs are validated (and --list-configs answers) before torch,
 # transformers or DeepSpeed is imported, so a config error takes a fraction of a second.
 from xfast.config import ConfigError, to_dict
-from xfast.training.config import (
-    TrainConfig,
-    builtin_descriptions,
-    check_data_fits_model,
-    describe_config,
-    load_config,
-    save_config,
-)
+from xfast.training.config import TrainConfig, builtin_descriptions, describe_config, load_config
 from xfast.training.preflight import check_data_paths
 from xfast.training.run_dir import ResumePlan, archive_config, plan_resume
 
@@ -143,196 +137,13 @@ def _describe_plan(cfg: TrainConfig, plan: ResumePlan | None) -> str:
 
 
 def train(cfg: TrainConfig) -> int:
+    """Run (or resume) the training run `cfg` (see xfast.training.trainer)."""
     import torch
-    import torch.distributed as dist
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
-    from xfast.models import Objective, build_model
-    from xfast.training.accumulation import whole_batch_step
-    from xfast.training.checkpoint import CheckpointManager, clean_replace_leftovers, tag_for
-    from xfast.training.engine import (
-        build_engine,
-        deepspeed_config,
-        init_distributed,
-        make_deterministic,
-        relay_schedule,
-    )
-    from xfast.training.evaluation import run_evaluation
-    from xfast.training.faults import fault_point
-    from xfast.training.logging import TrainLogger, setup_output
-    from xfast.training.preflight import check_free_space, check_writable
-    from xfast.training.signals import GracefulStop
-    from xfast.training.streams import EndlessStream, Streams
-    from xfast.training.task import ContrastiveTask
-
-    setup_output(cfg.logging.progress_bar)  # before any library draws a bar or warns
-    rank, world = init_distributed()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Ranks on one machine share its cores (the deepspeed launcher leaves this to the user
-        # unless --bind_cores_to_rank; torchrun sets OMP_NUM_THREADS=1): oversubscribing them
-        # makes every rank slower.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-    output = Path(cfg.output_dir)
-    checkpoints = CheckpointManager(output / "checkpoints", cfg.checkpoint.keep_last, rank, world)
-    if cfg.train.deterministic:
-        make_deterministic()
-    check_writable(checkpoints.root, rank)
-    repaired = checkpoints.recover()
-    if rank == 0:
-        clean_replace_leftovers(output / "final")
-        save_config(cfg, output / "config.json")
-
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model)
-    if model.tokenizer is None:
-        raise ConfigError("model.text.tokenizer: the text tower needs a tokenizer folder")
-    check_data_fits_model(cfg, model.data_requirements())
-    objective = Objective(cfg.objective)
-    task = ContrastiveTask(model, objective)
-    t = cfg.train
-    engine = build_engine(
-        task, ds_config=deepspeed_config(
-            micro_batch_size=cfg.data.batch_size, accumulation_steps=cfg.deepspeed.accumulation_steps,
-            world_size=world, zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
-            gradient_clipping=cfg.deepspeed.gradient_clipping, extra=cfg.deepspeed.extra),
-        lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
-        tower_lr={f"model.{k}": v for k, v in t.tower_lr.items()}, warmup_steps=t.warmup,
-        total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
-    if cfg.deepspeed.zero_stage == 3:
-        task.register_zero3_external_parameters()
-    parameters = _write_run_info(engine, cfg, output, rank, world)
-    check_free_space(checkpoints.root, parameters=parameters, keep_last=cfg.checkpoint.keep_last,
-                     export=cfg.checkpoint.export_fp32)
-    torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout masks differ between ranks
-
-    named = {"pairs": cfg.data, "sentences": cfg.sentence_data, "nli": cfg.nli_data}
-    streams = Streams({name: EndlessStream(name, c, model.tokenizer, rank=rank, world_size=world)
-                       for name, c in named.items() if c is not None})
-    step = 0
-    state = checkpoints.load(engine) if cfg.checkpoint.resume != "never" else None
-    if state is not None:
-        step = state["step"]
-        relay_schedule(engine.lr_scheduler, warmup=t.warmup, total=t.steps, floor=t.min_lr_ratio)
-        streams.load_state_dict(state["data"])
-    logger = TrainLogger(output, total_steps=t.steps, start_step=step, enabled=rank == 0,
-                         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
-    if repaired:
-        logger.write(repaired)
-    if state is not None:
-        logger.write(f"resumed from {checkpoints.root / checkpoints.latest_tag()} at step {step}")
-
-    def evaluate(at_step: int) -> None:
-        metrics = run_evaluation(engine, cfg, rank)
-        if metrics:
-            logger.log_eval(at_step, metrics)
-
-    def save(at_step: int) -> None:
-        checkpoints.save(engine, at_step, {"data": streams.state_dict()})
-
-    if cfg.eval.before_training and step == 0:
-        evaluate(0)
-    streams.take_wait()
-    logger.start_window()
-    stop = GracefulStop().__enter__()
-    while step < t.steps:
-        plan = objective.plan(step)
-        names = [n for n, wanted in (("pairs", plan.cross_modal or plan.captions), ("sentences", plan.sentences),
-                                     ("nli", plan.nli)) if wanted]
-        micro = [dict(streams.draw(names), step=step) for _ in range(cfg.deepspeed.accumulation_steps)]
-        loss, parts, shared = whole_batch_step(
-            engine, micro, lambda f, s, group, step=step: task.loss(f, s, step, group=group))
-        step += 1
-        fault_point("train.step", step, rank)
-        samples = sum(len(m[names[0]]["input_ids" if names[0] != "nli" else "anchor_input_ids"]) for m in micro)
-        logger.count(samples * world, streams.take_wait())
-        if step % cfg.logging.every_steps == 0 or step == t.steps:
-            scalars = {"loss": float(loss), "logit_scale": float(shared["logit_scale"].reshape(-1)[0]),
-                       "lr": engine.get_lr()[0], **{f"loss/{k}": float(v) for k, v in parts.items()}}
-            logger.log(step, scalars, skipped=_sum_over_ranks(streams.skip_counts()))
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.steps:
-            evaluate(step)
-            logger.start_window()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < t.steps:
-            save(step)
-        signame = stop.stop_requested() if step < t.steps else None
-        if signame:
-            save(step)
-            print(f"xfast train: rank {rank}: stop signal ({stop.describe(signame)}): stopped after step {step}, checkpoint "
-                  f"{checkpoints.latest_tag()} written; run the same command to resume", file=sys.stderr, flush=True)
-            logger.close()
-            return 0
-    if not (checkpoints.root / tag_for(step)).is_dir():  # else the final evaluation was logged before that save
-        evaluate(step)
-    save(step)
-    skipped = _sum_over_ranks(streams.skip_counts())
-    logger.write("skipped data: " + (", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"))
-    if cfg.checkpoint.export_fp32:
-        if rank == 0:
-            _export(cfg, checkpoints, output / "final", step)
-            logger.write(f"fp32 weights: {output / 'final'}")
-        dist.barrier()
-    logger.close()
-    return 0
-
-
-def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    import torch
-    import torch.distributed as dist
-
-    from xfast.training.engine import comm_device
-
-    kinds = sorted(counts)
-    totals = torch.tensor([counts[k] for k in kinds], dtype=torch.long, device=comm_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
-    return dict(zip(kinds, totals.cpu().tolist()))
-
-
-def _write_run_info(engine, cfg: TrainConfig, output: Path, rank: int, world: int) -> int:
-    """OUTPUT/run_info.json: world size, ZeRO stage and the parameter elements each rank holds
-    (under ZeRO-3 each rank keeps only its partition, ds_tensor, of every parameter)."""
-    import torch
-    import torch.distributed as dist
-
-    from xfast.training.engine import comm_device
-
-    params = list(engine.module.parameters())
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-    held = torch.tensor([local], dtype=torch.long, device=comm_device())
-    if world > 1:
-        gathered = [torch.zeros_like(held) for _ in range(world)]
-        dist.all_gather(gathered, held)
-        held = torch.cat(gathered)
-    if rank == 0:
-        info = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "parameters": total,
-                "parameters_held_per_rank": held.cpu().tolist()}
-        (output / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    return total
-
-
-def _export(cfg: TrainConfig, checkpoints, out_dir: Path, step: int) -> None:
-    """Consolidated fp32 weights of the latest checkpoint, in the models' save_pretrained format;
-    written beside `out_dir` and moved into place, so a kill leaves no half-written export."""
-    from xfast.models import build_model
-    from xfast.models.io import preprocessing_from_data
-    from xfast.training.checkpoint import replace_dir
-    from xfast.training.faults import fault_point
-    from xfast.training.run_dir import EXPORT_RECORD
-
-    state = checkpoints.fp32_state_dict()
-    prefix = "model."
-    model = build_model(cfg.model)
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(str(folder), preprocessing=preprocessing_from_data(cfg.data))
-        (folder / EXPORT_RECORD).write_text(json.dumps({"step": step}) + "\n")
-        fault_point("export.written", step)
-
-    replace_dir(out_dir, write)
+    from xfast.training.trainer import Trainer
+    return Trainer(cfg).train()
 
 
 if __name__ == "__main__":

@@ -43,26 +43,40 @@ class TaskResult:
 LoadBatches = Callable[..., Iterable[dict]]
 
 
-def xfast_data_batches(data: str, *, modality: str, tokenizer, batch_size: int, data_config: dict | None = None):
+def xfast_data_batches(data: str, *, modality: str, tokenizer, batch_size: int, data_config=None):
     """Evaluation batches from xfast.data.build_loader(train=False): one ordered pass over
     `data` with centre crops / clip starts, all captions in "captions", labels in "tags", the
-    last partial batch kept. `data_config` is a raw "data" section (e.g. the training run's):
-    its image/audio/text preprocessing and num_workers are reused; sources, modality and
-    batching are set here."""
-    from xfast.data import DataConfig, build_loader
+    last partial batch kept. `data_config` is a "data" section (e.g. the training run's), typed
+    (a DataConfig) or raw (a dict): its image/audio/text preprocessing and num_workers are
+    reused; sources, modality and batching are set here."""
+    from xfast.data import DataConfig, SourceConfig, build_loader
 
+    settings = dict(modality=modality, batch_size=batch_size, shard_shuffle=False, shuffle_buffer=0,
+                    persistent_workers=False)
+    if isinstance(data_config, DataConfig):
+        cfg = DataConfig(sources=[SourceConfig(urls=data)], image=data_config.image, audio=data_config.audio,
+                         text=data_config.text, num_workers=data_config.num_workers, **settings)
+        cfg.validate("data")
+        return build_loader(cfg, tokenizer, train=False)
     raw = {k: v for k, v in (data_config or {}).items() if k in ("image", "audio", "text", "num_workers")}
-    raw.update(sources=[{"urls": data}], modality=modality, batch_size=batch_size, shard_shuffle=False,
-               shuffle_buffer=0, persistent_workers=False)
+    raw.update(sources=[{"urls": data}], **settings)
     raw.setdefault("num_workers", 0)
     return build_loader(parse(DataConfig, raw, "data"), tokenizer, train=False)
 
 
-def _with_tag_field(data_config: dict | None, field_name: str) -> dict:
-    """A copy of the raw data section reading labels from the .json field `field_name`."""
+def _with_tag_field(data_config, field_name: str):
+    """A copy of the data section (typed or raw) reading labels from the .json field `field_name`."""
+    if dataclasses.is_dataclass(data_config):
+        return dataclasses.replace(data_config, text=dataclasses.replace(data_config.text, tag_field=field_name))
     raw = dict(data_config or {})
     raw["text"] = {**raw.get("text", {}), "tag_field": field_name}
     return raw
+
+
+def _text_max_length(data_config) -> int | None:
+    if dataclasses.is_dataclass(data_config):
+        return data_config.text.max_length
+    return ((data_config or {}).get("text") or {}).get("max_length")
 
 
 def run_task(
@@ -75,7 +89,7 @@ def run_task(
     max_items: int | None = None,
     progress: bool = False,
     load_batches: LoadBatches = xfast_data_batches,
-    data_config: dict | None = None,
+    data_config=None,
 ) -> TaskResult:
     """Run one task (a TASKS dataclass or its raw dict) in eval mode and return its metrics
     (and ranks for retrieval).
@@ -112,7 +126,7 @@ def _run(model, tokenizer, task, *, batch_size, block, max_items, progress, load
                             batch_size=batch_size, data_config=raw)
 
     # Texts are truncated where training truncated them, when the run's data section says.
-    max_length = ((data_config or {}).get("text") or {}).get("max_length")
+    max_length = _text_max_length(data_config)
 
     def texts(sentences, space="joint"):
         return encode_texts(model, tokenizer, sentences, batch_size=batch_size, max_length=max_length,
@@ -167,7 +181,7 @@ def evaluate(
     max_items: int | None = None,
     progress: bool = False,
     load_batches: LoadBatches = xfast_data_batches,
-    data_config: dict | None = None,
+    data_config=None,
 ) -> dict[str, float]:
     """Run named tasks, e.g. {"esc50": {"task": "zeroshot", "data": ..., "classnames": ...}},
     and return one flat dict "{name}/{metric}" -> float (ready for a logger).

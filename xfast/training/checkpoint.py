@@ -135,14 +135,22 @@ def clean_replace_leftovers(target: Path) -> None:
 
 
 class CheckpointManager:
-    """Saves and restores training state under `root`, keeping the newest `keep_last`."""
+    """Saves and restores training state under `root`, keeping the newest `keep_last`, every
+    `every_steps` optimizer steps (0: only the final save)."""
 
-    def __init__(self, root: str | os.PathLike, keep_last: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, root: str | os.PathLike, keep_last: int, rank: int = 0, world_size: int = 1, *,
+                 every_steps: int = 0):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.every_steps = every_steps
         self.partial = self.root / ".partial"
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether a periodic checkpoint is written after optimizer step `step` (the final one,
+        at `last_step`, is the trainer's)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < last_step
 
     def tags(self) -> list[str]:
         """Complete checkpoints, oldest first."""

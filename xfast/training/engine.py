@@ -169,3 +169,16 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
+
+
+def engine_from_config(module: nn.Module, *, deepspeed_section, optim, micro_batch_size: int, world_size: int):
+    """build_engine from the run's "deepspeed" and "train" sections; tower_lr keys name modules
+    of the model, which the engine's module holds as `model`."""
+    return build_engine(
+        module, ds_config=deepspeed_config(
+            micro_batch_size=micro_batch_size, accumulation_steps=deepspeed_section.accumulation_steps,
+            world_size=world_size, zero_stage=deepspeed_section.zero_stage, precision=deepspeed_section.precision,
+            gradient_clipping=deepspeed_section.gradient_clipping, extra=deepspeed_section.extra),
+        lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps,
+        tower_lr={f"model.{k}": v for k, v in optim.tower_lr.items()}, warmup_steps=optim.warmup,
+        total_steps=optim.steps, min_lr_ratio=optim.min_lr_ratio)

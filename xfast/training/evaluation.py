@@ -1,22 +1,32 @@
 """The periodic evaluation hook: xfast.eval tasks on the model being trained."""
 from __future__ import annotations
 
-from xfast.config import to_dict
 
-
-def run_evaluation(engine, cfg, rank: int) -> dict[str, float]:
-    """Metrics of cfg.eval.tasks on rank 0 ({} elsewhere or without tasks).
+class PeriodicEvaluation:
+    """cfg.eval's tasks run every `every_steps` steps, before training if asked, and at the end.
 
     Under ZeRO-3 the parameters are partitioned, so every rank runs the same evaluation in
     lockstep (each forward gathers the weights collectively); at stages 0-2 rank 0 runs it alone.
+    The training data section (typed) supplies the preprocessing of the evaluation data.
     """
-    from xfast.eval.runner import evaluate
 
-    if not cfg.eval.tasks:
-        return {}
-    if rank != 0 and cfg.deepspeed.zero_stage != 3:
-        return {}
-    model = engine.module.model
-    metrics = evaluate(model, model.tokenizer, cfg.eval.tasks, batch_size=cfg.eval.batch_size,
-                       max_items=cfg.eval.max_items, data_config=to_dict(cfg.data))
-    return metrics if rank == 0 else {}
+    def __init__(self, cfg, data, *, zero_stage: int, rank: int):
+        self.cfg, self.data, self.rank = cfg, data, rank
+        self.participates = bool(cfg.tasks) and (rank == 0 or zero_stage == 3)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether to evaluate after optimizer step `step` (the final evaluation is the trainer's)."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0 and step < last_step
+
+    def due_before_training(self, step: int) -> bool:
+        return self.cfg.before_training and step == 0
+
+    def __call__(self, model) -> dict[str, float]:
+        """Metrics of the tasks on rank 0 ({} elsewhere or without tasks)."""
+        from xfast.eval.runner import evaluate
+
+        if not self.participates:
+            return {}
+        metrics = evaluate(model, model.tokenizer, self.cfg.tasks, batch_size=self.cfg.batch_size,
+                           max_items=self.cfg.max_items, data_config=self.data)
+        return metrics if self.rank == 0 else {}

@@ -55,12 +55,23 @@ class EndlessStream:
         self._iterator = None
 
 
+def batch_rows(batch: dict) -> int:
+    """Samples in a batch of any stream: the rows of its first tensor."""
+    return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
 class Streams:
     """Named streams ("pairs", "sentences", "nli"); `draw` takes one batch from each one asked."""
 
     def __init__(self, streams: dict[str, EndlessStream]):
         self.streams = streams
         self.wait_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, sections: dict, tokenizer, *, rank: int, world_size: int) -> "Streams":
+        """One stream per data section that is set, e.g. {"pairs": cfg.data, "sentences": None}."""
+        return cls({name: EndlessStream(name, section, tokenizer, rank=rank, world_size=world_size)
+                    for name, section in sections.items() if section is not None})
 
     def draw(self, names) -> dict:
         start = time.perf_counter()
