@@ -32,6 +32,7 @@ class ContrastiveModel(nn.Module):
         self.text = text
         self.media = media
         self.tokenizer = tokenizer
+        self._plans_checked: set = set()  # FeaturePlans whose config checks passed
         # Media front end and text length the model expects (xfast.data config fields), kept in exports.
         self.preprocessing: dict = {}
         self.logit_scale_max = cfg.logit_scale_max
@@ -84,12 +85,14 @@ class ContrastiveModel(nn.Module):
         """
         plan = feature_plan(objective, step, plan)
         out: dict[str, torch.Tensor] = {}
-        if plan.unsup and self.text.freeze == "all":
-            raise ConfigError("model.text.freeze: unsupervised SimCSE trains the text tower, but freeze 'all' keeps "
-                              "it fixed and in eval mode (no dropout, identical views)")
-        if plan.unsup and self.text.dropout_probability() == 0:
-            raise ConfigError("model.text.overrides: unsupervised SimCSE needs dropout in the text tower (its two "
-                              "views would be identical); set e.g. hidden_dropout_prob or attention_dropout > 0")
+        if plan.unsup and plan not in self._plans_checked:  # config checks: once per kind of step
+            if self.text.freeze == "all":
+                raise ConfigError("model.text.freeze: unsupervised SimCSE trains the text tower, but freeze 'all' "
+                                  "keeps it fixed and in eval mode (no dropout, identical views)")
+            if self.text.dropout_probability() == 0:
+                raise ConfigError("model.text.overrides: unsupervised SimCSE needs dropout in the text tower (its two "
+                                  "views would be identical); set e.g. hidden_dropout_prob or attention_dropout > 0")
+            self._plans_checked.add(plan)
         if plan.cross_modal or plan.captions:
             _require(batch, ("input_ids", "attention_mask"), "batch")
         if plan.cross_modal:
