@@ -1,26 +1,45 @@
-"""Training throughput of xfast's tiny CLAP/CLIP against a plain PyTorch loop around transformers.
+"""Training throughput of xfast against a plain transformers loop and open_clip-style training.
 
-Side by side in one run, on the built-in demo data (same loader, batch and sizes for both):
-  xfast        xfast.models tower pair + Objective, DeepSpeed engine (1 rank, ZeRO-2 as in the
-               demo configs, torch AdamW), whole-batch accumulation step (xfast.training.accumulation)
-  xfast_zero0  the same with ZeRO stage 0 (no gradient bucketing: what ZeRO-2 costs on one rank)
-  transformers ClapModel / CLIPModel built from config objects at the same sizes, forward with
-               return_loss=True, loss.backward(), torch AdamW step
-Both read batches from xfast.data's loader over the demo shards, so "data wait" (share of wall
-time spent waiting for the next batch) is comparable. The architectures are matched: CLIP =
-CLIP text transformer + CLIP ViT (linear projections), CLAP = RoBERTa + HTSAT (MLP projections),
-hidden 32, 2 layers, embedding 32. Each measurement runs in its own subprocess; methods
-alternate over --repeat rounds and the best round is reported (on a shared machine the least
-disturbed one; every round is kept in the JSON).
+Every measurement is one (size, method) pair run in its own subprocess(es); methods alternate
+over --repeat rounds and the best round is kept (on a shared machine, the least disturbed one;
+every round is in the JSON). All methods read batches from xfast.data's loader over the
+built-in demo data (the demo config's worker count), so "data wait" (the share of wall time
+spent waiting for the next batch) is comparable.
 
-    python benchmarks/bench_train.py                    # writes benchmarks/results/train.{json,md}
-    python benchmarks/bench_train.py --steps 10 --repeat 1
+Sizes (SIZES):
+  tiny_clap, tiny_clip  the demo's towers: hidden 32, 2 layers, batch 32. CLAP = RoBERTa +
+                        HTSAT (MLP projections), CLIP = CLIP text + CLIP vision (linear).
+  wide_b1024            CLIP text + CLIP vision of hidden 128 (2 layers, 4 heads), embedding
+                        128, batch 1024: the contrastive batch is large next to the towers.
+  wide_b4096            the same towers, batch 4096: xfast as 4 micro-batches of 1024 with
+                        whole-batch accumulation (one loss over all 4096), the plain loop as one
+                        4096 batch (its N x N logits in memory).
+Methods (METHODS):
+  xfast         xfast.models towers + Objective in a DeepSpeed engine (ZeRO-2, torch AdamW),
+                whole_batch_step; on 1 rank.
+  xfast_zero0   the same at ZeRO stage 0.
+  xfast_torch   the same step without DeepSpeed (plain torch AdamW + clipping): the difference
+                to xfast / xfast_zero0 is DeepSpeed's own cost per step, reported separately.
+  transformers  CLIPModel / ClapModel from config objects, return_loss=True (materialises the
+                N x N logits), loss.backward(), clip_grad_norm_, torch AdamW.
+  xfast_2ranks  xfast at ZeRO-2 on 2 ranks (1 thread each): each rank scores its own rows
+                through xfast's distributed fused loss.
+  open_clip_2ranks  the HF towers on 2 ranks with open_clip's recipe: features gathered with
+                gradient (torch.distributed.nn.all_gather), each rank's local_loss over its
+                rows, gradients averaged over ranks as DDP does.
+Single-process methods run on 1 thread (the loader worker has the other core); 2-rank methods
+on 1 thread per rank.
+
+    python benchmarks/bench_train.py                      # prints the table, writes nothing
+    python benchmarks/bench_train.py --save               # also benchmarks/results/train.{json,md}
+    python benchmarks/bench_train.py --sizes tiny_clip --methods xfast transformers --steps 10 --repeat 1
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,116 +47,216 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("clap", "clip")
-METHODS = ("xfast", "xfast_zero0", "transformers")
+# size -> model family, tower width, micro-batch, micro-batches per step, timed steps / warmup
+# (None: from the command line)
+SIZES = {
+    "tiny_clap": dict(model="clap", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
+    "tiny_clip": dict(model="clip", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
+    "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=3, warmup=1),
+    "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=2, warmup=1),
+}
+METHODS = ("xfast", "xfast_zero0", "xfast_torch", "transformers", "xfast_2ranks", "open_clip_2ranks")
+DEFAULT_METHODS = {"tiny": ("xfast", "xfast_zero0", "xfast_torch", "transformers"),
+                   "wide": ("xfast", "transformers", "xfast_2ranks", "open_clip_2ranks")}
 
 
-def _loader(model_name: str, batch_size: int, root: Path, tokenizer):
+def ranks_of(method: str) -> int:
+    return 2 if method.endswith("_2ranks") else 1
+
+
+def _loader(size: dict, batch_size: int, root: Path, tokenizer, *, rank: int, world: int):
     from xfast.config import parse
     from xfast.data import DataConfig, build_loader
     from xfast.training.config import resolve_config_path
-    raw = json.loads(resolve_config_path(f"demo_{model_name}_tiny").read_text())["data"]
-    modality = "audio" if model_name == "clap" else "image"
-    raw.update(sources=[{"urls": str(root / ("audio" if modality == "audio" else "images") / "train")}],
-               batch_size=batch_size, num_workers=1)
-    return build_loader(parse(DataConfig, raw, "data"), tokenizer, rank=0, world_size=1)
+    raw = json.loads(resolve_config_path(f"demo_{size['model']}_tiny").read_text())["data"]
+    raw.update(sources=[{"urls": str(root / ("audio" if size["model"] == "clap" else "images") / "train")}],
+               batch_size=batch_size)
+    if batch_size * world > 256:  # more than a few batches per epoch of the 2048 demo samples
+        raw.update(resampled=True, samples_per_epoch=10**7)
+    return build_loader(parse(DataConfig, raw, "data"), tokenizer, rank=rank, world_size=world)
 
 
-def _xfast_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int, zero_stage: int = 2):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def _xfast_model(size: dict, tokenizer_dir: Path):
     from xfast.config import parse
-    from xfast.models import ModelConfig, Objective, ObjectiveConfig, build_model
+    from xfast.models import ModelConfig, build_model
+    wide = dict(hidden_size=size["hidden"], num_attention_heads=4, intermediate_size=4 * size["hidden"]) \
+        if size["hidden"] != 32 else {}
+    if size["model"] == "clap":
+        towers = {"text": {"type": "roberta", "preset": "tiny", "projection": "mlp"},
+                  "audio": {"type": "htsat", "preset": "tiny", "projection": "mlp"}}
+    else:
+        towers = {"text": {"type": "clip_text", "preset": "tiny", "overrides": wide},
+                  "image": {"type": "clip_vision", "preset": "tiny", "overrides": wide}}
+    towers["text"]["tokenizer"] = str(tokenizer_dir)
+    return build_model(parse(ModelConfig, {**towers, "embed_dim": size["hidden"]}, "model"))
+
+
+class _TorchEngine:
+    """The engine interface of whole_batch_step without DeepSpeed: plain backward, clipping and
+    AdamW at the last micro-batch."""
+
+    def __init__(self, module, optimizer, micro_batches: int):
+        self.module, self.optimizer, self.micro_batches, self.calls = module, optimizer, micro_batches, 0
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+    def step(self):
+        self.calls += 1
+        if self.calls % self.micro_batches == 0:
+            import torch
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from xfast.config import parse
+    from xfast.models import Objective, ObjectiveConfig
     from xfast.training.accumulation import whole_batch_step
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed
+    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, param_groups
     from xfast.training.task import ContrastiveTask
 
     init_distributed()
-    media = {"audio": {"type": "htsat", "preset": "tiny", "projection": "mlp"}} if model_name == "clap" else \
-        {"image": {"type": "clip_vision", "preset": "tiny"}}
-    text_type, projection = ("roberta", "mlp") if model_name == "clap" else ("clip_text", "linear")
-    model = build_model(parse(ModelConfig, {"text": {"type": text_type, "preset": "tiny", "projection": projection,
-                                                     "tokenizer": str(tokenizer_dir)},
-                                            **media, "embed_dim": 32}, "model"))
+    model = _xfast_model(size, tokenizer_dir)
     objective = Objective(parse(ObjectiveConfig, {}, "objective"))
     task = ContrastiveTask(model, objective)
     plan = objective.plan(0)
-    engine = build_engine(task, ds_config=deepspeed_config(
-        micro_batch_size=batch_size, accumulation_steps=1, world_size=1, zero_stage=zero_stage, precision="fp32",
-        gradient_clipping=1.0), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, tower_lr={},
-        warmup_steps=0, total_steps=1000, min_lr_ratio=0.0)
+    optim = dict(lr=1e-3, weight_decay=0.1)
+    if method == "xfast_torch":
+        groups = param_groups(task, **optim)
+        for group in groups:
+            del group["names"]
+        engine = _TorchEngine(task, torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, **optim),
+                              size["micro_batches"])
+    else:
+        engine = build_engine(task, ds_config=deepspeed_config(
+            micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
+            zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0),
+            betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
 
-    def step(batch):
-        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "plan": plan}],
+    def step(micro):
+        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "plan": plan} for batch in micro],
                                       lambda f, s, group: task.loss(f, s, plan, group=group))
-        return float(loss)
+        return loss
 
-    parameters = sum(p.numel() for p in model.parameters())
-    return model.tokenizer, step, parameters
+    return model.tokenizer, step, sum(p.numel() for p in model.parameters())
 
 
-def _transformers_step_fn(model_name: str, tokenizer_dir: Path, batch_size: int):
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        ClapAudioConfig,
-        ClapConfig,
-        ClapModel,
-        ClapTextConfig,
-        CLIPConfig,
-        CLIPModel,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
-    if model_name == "clap":
+def _hf_model(size: dict, tokenizer):
+    from transformers import (ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig, CLIPConfig, CLIPModel,
+                              CLIPTextConfig, CLIPVisionConfig)
+    h = size["hidden"]
+    layers = dict(hidden_size=h, num_hidden_layers=2, num_attention_heads=2 if h == 32 else 4, intermediate_size=2 * h
+                  if h == 32 else 4 * h)
+    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    if size["model"] == "clap":
         audio = ClapAudioConfig(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=4, patch_embeds_hidden_size=16,
                                 depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, window_size=4,
-                                enable_fusion=False, projection_dim=32)
-        config = ClapConfig(text_config=ClapTextConfig(**dict(text, max_position_embeddings=66), projection_dim=32).to_dict(),
-                            audio_config=audio.to_dict(), projection_dim=32)
-        model = ClapModel(config)
+                                enable_fusion=False, projection_dim=h)
+        config = ClapConfig(text_config=ClapTextConfig(**dict(text, max_position_embeddings=66), projection_dim=h).to_dict(),
+                            audio_config=audio.to_dict(), projection_dim=h)
+        return ClapModel(config), "input_features"
+    # xfast's clip_text preset has attention dropout 0.1 (SimCSE needs some): the same here.
+    config = CLIPConfig(text_config=CLIPTextConfig(**text, bos_token_id=tokenizer.cls_token_id, attention_dropout=0.1,
+                                                   eos_token_id=tokenizer.sep_token_id).to_dict(),
+                        vision_config=CLIPVisionConfig(**layers, image_size=32, patch_size=8).to_dict(),
+                        projection_dim=h)
+    return CLIPModel(config), "pixel_values"
 
-        def forward(batch):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         input_features=batch["input_features"], return_loss=True).loss
-    else:
-        config = CLIPConfig(text_config=CLIPTextConfig(**text, bos_token_id=tokenizer.cls_token_id,
-                                                       eos_token_id=tokenizer.sep_token_id).to_dict(),
-                            vision_config=CLIPVisionConfig(**small, image_size=32, patch_size=8).to_dict(),
-                            projection_dim=32)
-        model = CLIPModel(config)
 
-        def forward(batch):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"], return_loss=True).loss
+def _transformers_step_fn(size: dict, tokenizer_dir: Path):
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model, media_key = _hf_model(size, tokenizer)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
-    def step(batch):
-        loss = forward(batch)
+    def step(micro):
+        batch = micro[0] if len(micro) == 1 else {k: torch.cat([m[k] for m in micro])
+                                                  for k in ("input_ids", "attention_mask", media_key)}
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     **{media_key: batch[media_key]}, return_loss=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     return tokenizer, step, sum(p.numel() for p in model.parameters())
 
 
-def worker(model_name: str, method: str, batch_size: int, steps: int, warmup: int, root: Path) -> dict:
-    """Runs in the subprocess: `warmup` untimed steps, then `steps` timed ones."""
+def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
+    """open_clip's distributed recipe on the HF towers: gather_with_grad + local_loss, DDP-averaged
+    gradients (one flat all-reduce, as DDP's buckets amount to on CPU)."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model, media_key = _hf_model(size, tokenizer)
+    for p in model.parameters():  # the same initial weights on every rank, as DDP broadcasts them
+        dist.broadcast(p.data, 0)
+    model.train()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+
+    def step(micro):
+        batch = micro[0] if len(micro) == 1 else {k: torch.cat([m[k] for m in micro])
+                                                  for k in ("input_ids", "attention_mask", media_key)}
+        text = F.normalize(model.get_text_features(input_ids=batch["input_ids"],
+                                                   attention_mask=batch["attention_mask"]).pooler_output, dim=-1)
+        media = F.normalize(model.get_image_features(pixel_values=batch[media_key]).pooler_output, dim=-1)
+        all_text, all_media = torch.cat(dist_fn.all_gather(text)), torch.cat(dist_fn.all_gather(media))
+        scale = model.logit_scale.exp()
+        labels = torch.arange(len(text)) + rank * len(text)
+        loss = (F.cross_entropy(scale * media @ all_text.T, labels) + F.cross_entropy(scale * text @ all_media.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p)
+            offset += g.numel()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    return tokenizer, step, sum(p.numel() for p in params)
+
+
+def worker(size_name: str, method: str, steps: int, warmup: int, root: Path) -> dict | None:
+    """Runs in the subprocess (one per rank): `warmup` untimed steps, then `steps` timed ones."""
     import torch
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # both methods on one core: the 2-core CI box runs the loader beside it
-    if method == "transformers":
-        tokenizer, step, parameters = _transformers_step_fn(model_name, root / "tokenizer", batch_size)
+    torch.set_num_threads(1)
+    size = SIZES[size_name]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if method in ("transformers",):
+        tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer")
+    elif method == "open_clip_2ranks":
+        tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer")
     else:
-        tokenizer, step, parameters = _xfast_step_fn(model_name, root / "tokenizer", batch_size,
-                                                     zero_stage=0 if method == "xfast_zero0" else 2)
-    source = _loader(model_name, batch_size, root, tokenizer)
+        tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world)
+    micro_batches = size["micro_batches"]
+    rank_batch = size["batch"] // world
+    if method == "transformers" or method == "open_clip_2ranks":  # one pass over the whole batch
+        rank_batch, micro_batches = rank_batch * micro_batches, 1
+    source = _loader(size, rank_batch, root, tokenizer, rank=rank, world=world)
     batches = iter(source)
 
     def next_batch():  # endless: the loader starts its next epoch when one ends
@@ -149,81 +268,157 @@ def worker(model_name: str, method: str, batch_size: int, steps: int, warmup: in
             return next(batches)
 
     for _ in range(warmup):
-        step(next_batch())
+        float(step([next_batch() for _ in range(micro_batches)]))
     wait = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = next_batch()
+        micro = [next_batch() for _ in range(micro_batches)]
         wait += time.perf_counter() - t0
-        step(batch)
+        loss = step(micro)
+    float(loss)
     elapsed = time.perf_counter() - start
-    return {"samples_per_s": steps * batch_size / elapsed, "data_wait_share": wait / elapsed,
-            "parameters": parameters}
+    if rank != 0:
+        return None
+    samples = steps * size["batch"] * size["micro_batches"]
+    return {"samples_per_s": samples / elapsed, "ms_per_step": elapsed / steps * 1e3,
+            "data_wait_share": wait / elapsed, "parameters": parameters}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure(size_name: str, method: str, steps: int, warmup: int) -> dict:
+    """One measurement in fresh subprocesses (one per rank); returns rank 0's result."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    world = ranks_of(method)
+    command = [sys.executable, __file__, "--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup)]
+    if world > 1:
+        port = str(_free_port())
+        envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(world)]
+    else:
+        envs = [env]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+             for e in envs]
+    outs = [p.communicate(timeout=3600) for p in procs]
+    line = next((l for l in outs[0][0].splitlines() if l.startswith("RESULT ")), None)
+    if any(p.returncode for p in procs) or line is None:
+        for out, err in outs:
+            print(out[-2000:], err[-3000:], file=sys.stderr)
+        raise SystemExit(f"{size_name}/{method} failed (exit {[p.returncode for p in procs]})")
+    return json.loads(line[len("RESULT "):])
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def summarize(runs: dict, sizes, methods_of) -> list[dict]:
+    rows = []
+    for size_name in sizes:
+        size = SIZES[size_name]
+        row = {"size": size_name, "batch": size["batch"] * size["micro_batches"], "micro_batches": size["micro_batches"],
+               "hidden": size["hidden"], "model": size["model"]}
+        for method in methods_of[size_name]:
+            results = runs[(size_name, method)]
+            best = max(results, key=lambda r: r["samples_per_s"])
+            row[method] = {**best, "median_samples_per_s": statistics.median(r["samples_per_s"] for r in results),
+                           "all_samples_per_s": [r["samples_per_s"] for r in results]}
+        ref = row.get("transformers", {}).get("samples_per_s")
+        for method in methods_of[size_name]:
+            if ref and method != "transformers":
+                row[method]["vs_transformers"] = row[method]["samples_per_s"] / ref
+        if "xfast_2ranks" in row and "open_clip_2ranks" in row:
+            row["xfast_2ranks"]["vs_open_clip_2ranks"] = (row["xfast_2ranks"]["samples_per_s"]
+                                                         / row["open_clip_2ranks"]["samples_per_s"])
+        if "xfast_torch" in row:  # DeepSpeed's own cost per optimizer step
+            for method in ("xfast", "xfast_zero0"):
+                if method in row:
+                    row[method]["deepspeed_ms_per_step"] = row[method]["ms_per_step"] - row["xfast_torch"]["ms_per_step"]
+        rows.append(row)
+    return rows
+
+
+HEADER = ("Training throughput on CPU: 1 thread per process (2-rank methods: 2 processes), best of "
+          "alternating rounds on a shared machine; demo data through xfast.data")
+
+
+def table(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| size | method | samples/s | ms/step | data wait | vs transformers | DeepSpeed ms/step |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for method in METHODS:
+            if method not in row:
+                continue
+            r = row[method]
+            vs = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
+            if "vs_open_clip_2ranks" in r:
+                vs += f" ({r['vs_open_clip_2ranks']:.2f}x open_clip)"
+            ds = f"{r['deepspeed_ms_per_step']:.1f}" if "deepspeed_ms_per_step" in r else ""
+            lines.append(f"| {row['size']} (batch {row['batch']}) | {method} | {r['samples_per_s']:.0f} | "
+                         f"{r['ms_per_step']:.1f} | {r['data_wait_share']:.0%} | {vs} | {ds} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--repeat", type=int, default=5, help="alternating rounds; the best is kept (default 5)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="sizes to measure (default all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        help="methods (default: per size, " + "; ".join(f"{k}*: {' '.join(v)}"
+                                                                           for k, v in DEFAULT_METHODS.items()) + ")")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per tiny measurement (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, tiny sizes (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the best is kept (default 3)")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/train.{json,md}")
+    parser.add_argument("--worker", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "repeat"):
+    for name in ("steps", "repeat"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+            parser.error(f"--{name} must be >= 1")
 
     from xfast.training import demo_data
     root, _ = demo_data.ensure()
     if args.worker:
-        result = worker(*args.worker, args.batch_size, args.steps, args.warmup, root)
-        print("RESULT " + json.dumps(result))
+        result = worker(*args.worker, args.steps, args.warmup, root)
+        if result is not None:
+            print("RESULT " + json.dumps(result))
         return 0
 
     from tqdm.auto import tqdm
+    methods_of = {s: [m for m in (args.methods or DEFAULT_METHODS[s.split("_")[0]])] for s in args.sizes}
+    jobs = [(s, m) for _ in range(args.repeat) for s in args.sizes for m in methods_of[s]]
     runs: dict[tuple[str, str], list[dict]] = {}
-    jobs = [(m, method) for _ in range(args.repeat) for m in args.models for method in METHODS]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for model_name, method in tqdm(jobs, desc="bench_train", unit="run"):
-        command = [sys.executable, __file__, "--worker", model_name, method, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{model_name}/{method} failed (exit {out.returncode})")
-        runs.setdefault((model_name, method), []).append(json.loads(line[len("RESULT "):]))
-
-    rows = []
-    for model_name in args.models:
-        row = {"model": model_name, "batch_size": args.batch_size}
-        for method in METHODS:
-            results = runs[(model_name, method)]
-            best = max(results, key=lambda r: r["samples_per_s"])
-            row[method] = {"samples_per_s": best["samples_per_s"], "data_wait_share": best["data_wait_share"],
-                           "median_samples_per_s": statistics.median(r["samples_per_s"] for r in results),
-                           "parameters": results[0]["parameters"],
-                           "all_samples_per_s": [r["samples_per_s"] for r in results]}
-        row["speedup"] = row["xfast"]["samples_per_s"] / row["transformers"]["samples_per_s"]
-        rows.append(row)
-    lines = [f"Training throughput on CPU (1 process, 1 thread, batch {args.batch_size}, tiny towers, best of "
-             f"{args.repeat} alternating runs of {args.steps} steps; demo data through xfast.data)", "",
-             "| model | xfast (ZeRO-2) samples/s | data wait | xfast (ZeRO-0) samples/s | data wait | "
-             "transformers samples/s | data wait | xfast ZeRO-2 / transformers |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        x, z, t = r["xfast"], r["xfast_zero0"], r["transformers"]
-        lines.append(f"| tiny {r['model'].upper()} ({x['parameters'] / 1e3:.0f}k / {t['parameters'] / 1e3:.0f}k params) | "
-                     f"{x['samples_per_s']:.0f} | {x['data_wait_share']:.0%} | {z['samples_per_s']:.0f} | "
-                     f"{z['data_wait_share']:.0%} | {t['samples_per_s']:.0f} | {t['data_wait_share']:.0%} | "
-                     f"{r['speedup']:.2f}x |")
-    table = "\n".join(lines)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
-    (RESULTS / "train.md").write_text(table + "\n")
-    print(table)
+    for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
+        size = SIZES[size_name]
+        steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
+        runs.setdefault((size_name, method), []).append(measure(size_name, method, steps, warmup))
+    cpu = machine()
+    rows = summarize(runs, args.sizes, methods_of)
+    for row in rows:
+        row.update(machine=cpu, repeat=args.repeat, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   command=" ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]))
+    print(table(rows, HEADER))
+    if args.save:  # rows of the sizes measured now replace theirs; the others are kept
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "train.json"
+        kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+        rows = [r for r in kept if "size" in r and r["size"] not in args.sizes] + rows
+        rows.sort(key=lambda r: list(SIZES).index(r["size"]))
+        path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        (RESULTS / "train.md").write_text(table(rows, HEADER) + "\n\n" + "\n".join(
+            f"- {r['size']}: `{r['command']}` on {r['machine']}, {r['date']}" for r in rows) + "\n")
     return 0
 
 
