@@ -130,6 +130,28 @@ def test_sequential_schedule_stages(tok):
     assert set(parts) == {"clip", "cyclip_in", "total"}
 
 
+def test_plan_names_the_streams_and_features_of_each_step(tok):
+    obj = objective({"simcse": {"mode": "unsup", "source": "both", "schedule": "sequential", "stage1_steps": 2}})
+    first, later = obj.plan(0), obj.plan(2)
+    assert (first.stage, first.streams, first.features) == (
+        "sentence", ("pairs", "sentences"), ("text_view2", "text_pooled", "sent_a", "sent_b"))
+    assert (later.stage, later.streams, later.features) == ("cross_modal", ("pairs",), ("media", "text"))
+    assert objective({"simcse": {"mode": "sup"}}).plan(0).streams == ("pairs", "nli")
+    assert objective({"contrastive_weight": 0, "simcse": {"mode": "sup"}}).plan(0).streams == ("nli",)
+    # A plan handed over gives what the step would compute from `step`.
+    model = make_model(tok).train()
+    batch, sentences = paired_batch(model), text_inputs(model, CAPTIONS[:4])
+    torch.manual_seed(0)
+    by_step = model.features(batch, objective=obj, step=0, sentences=sentences)
+    torch.manual_seed(0)
+    by_plan = model.features(batch, plan=first, sentences=sentences)
+    assert set(by_plan) == set(first.features)
+    for key in by_step:
+        torch.testing.assert_close(by_plan[key], by_step[key], rtol=0, atol=0)
+    total, _ = obj(by_step, None, step=0)
+    torch.testing.assert_close(obj(by_plan, None, plan=first)[0], total, rtol=0, atol=0)
+
+
 def test_text_only_objective_needs_no_media(tok):
     obj = objective({"contrastive_weight": 0.0, "simcse": {"mode": "unsup", "source": "sentences"}})
     assert obj.needs_sentences and not obj.needs_nli
