@@ -116,6 +116,7 @@ class _TorchEngine:
 def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+
     from xfast.config import parse
     from xfast.models import Objective, ObjectiveConfig
     from xfast.training.accumulation import whole_batch_step
@@ -149,8 +150,16 @@ def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int):
 
 
 def _hf_model(size: dict, tokenizer):
-    from transformers import (ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig, CLIPConfig, CLIPModel,
-                              CLIPTextConfig, CLIPVisionConfig)
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapModel,
+        ClapTextConfig,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
     h = size["hidden"]
     layers = dict(hidden_size=h, num_hidden_layers=2, num_attention_heads=2 if h == 32 else 4, intermediate_size=2 * h
                   if h == 32 else 4 * h)

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xfast.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 MODALITIES = ("text", "image", "audio")
 PRESETS = ("tiny", "base")
