@@ -52,8 +52,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "tiny_clap": dict(model="clap", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
     "tiny_clip": dict(model="clip", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
-    "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=3, warmup=1),
-    "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=2, warmup=1),
+    "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=2, warmup=1),
+    "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=1, warmup=1),
 }
 METHODS = ("xfast", "xfast_zero0", "xfast_torch", "transformers", "xfast_2ranks", "open_clip_2ranks")
 DEFAULT_METHODS = {"tiny": ("xfast", "xfast_zero0", "xfast_torch", "transformers"),
@@ -381,6 +381,18 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+def save(rows: list[dict]) -> None:
+    """Rows of the sizes measured now replace theirs in results/train.json; the others are kept."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "train.json"
+    kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    rows = [r for r in kept if r.get("size") not in {n["size"] for n in rows}] + rows
+    rows.sort(key=lambda r: list(SIZES).index(r["size"]))
+    path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (RESULTS / "train.md").write_text(table(rows, HEADER) + "\n\n" + "\n".join(
+        f"- {r['size']}: `{r['command']}` on {r['machine']}, {r['date']}" for r in rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="sizes to measure (default all)")
@@ -409,25 +421,23 @@ def main(argv: list[str] | None = None) -> int:
     methods_of = {s: [m for m in (args.methods or DEFAULT_METHODS[s.split("_")[0]])] for s in args.sizes}
     jobs = [(s, m) for _ in range(args.repeat) for s in args.sizes for m in methods_of[s]]
     runs: dict[tuple[str, str], list[dict]] = {}
+    command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
+    cpu = machine()
+    done: list[str] = []
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
         steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
         runs.setdefault((size_name, method), []).append(measure(size_name, method, steps, warmup))
-    cpu = machine()
-    rows = summarize(runs, args.sizes, methods_of)
-    for row in rows:
-        row.update(machine=cpu, repeat=args.repeat, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   command=" ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]))
-    print(table(rows, HEADER))
-    if args.save:  # rows of the sizes measured now replace theirs; the others are kept
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / "train.json"
-        kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
-        rows = [r for r in kept if "size" in r and r["size"] not in args.sizes] + rows
-        rows.sort(key=lambda r: list(SIZES).index(r["size"]))
-        path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-        (RESULTS / "train.md").write_text(table(rows, HEADER) + "\n\n" + "\n".join(
-            f"- {r['size']}: `{r['command']}` on {r['machine']}, {r['date']}" for r in rows) + "\n")
+        complete = [s for s in args.sizes if all(len(runs.get((s, m), [])) == args.repeat for m in methods_of[s])]
+        if complete != done:  # a size has all its rounds: report (and save) it now, not only at the end
+            done = complete
+            rows = summarize(runs, done, methods_of)
+            for row in rows:
+                row.update(machine=cpu, repeat=args.repeat, command=command,
+                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            print(table(rows, HEADER), flush=True)
+            if args.save:
+                save(rows)
     return 0
 
 
