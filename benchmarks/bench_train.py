@@ -386,7 +386,8 @@ def save(rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "train.json"
     kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
-    rows = [r for r in kept if r.get("size") not in {n["size"] for n in rows}] + rows
+    # rows of another size are kept (rows without a size are from the previous format: dropped)
+    rows = [r for r in kept if r.get("size") in SIZES and r["size"] not in {n["size"] for n in rows}] + rows
     rows.sort(key=lambda r: list(SIZES).index(r["size"]))
     path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     (RESULTS / "train.md").write_text(table(rows, HEADER) + "\n\n" + "\n".join(
