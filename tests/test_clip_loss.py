@@ -23,7 +23,7 @@ def reference64(x, y, s, label_smoothing=0.0):
 
 
 CASES = [
-    pytest.param(n, d, backend, id=f"N{n}-d{d}-{backend}")
+    pytest.param(n, d, backend, id=f"N{n}-d{d}-{backend}", marks=[pytest.mark.slow] if n >= 300 else [])
     for n, d in itertools.product(SIZES_N, SIZES_D)
     for backend in backends_for(n, d)
 ]

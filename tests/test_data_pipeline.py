@@ -347,6 +347,7 @@ def test_persistent_workers_follow_the_epoch(tmp_path, tokenizer):
         assert [k for k in epoch1 if k in planned] == planned
 
 
+@pytest.mark.slow
 def test_resume_after_one_worker_finished(tmp_path, tokenizer):
     write_tar(tmp_path / "s-0.tar", image_samples(0, 8))
     write_tar(tmp_path / "s-1.tar", image_samples(8, 2))

@@ -77,6 +77,7 @@ def test_training_crops_stay_inside_the_audio_that_decodes(clips):
             assert 0 <= window_start(mono, crop) <= 39, f"{path.name}, seed {seed}"
 
 
+@pytest.mark.slow
 def test_logmel_matches_clap_feature_extractor_on_real_clips(clips):
     """float64: HF's values to float32 rounding. float32 (the default): within the float32 STFT's
     error bound of the exact values (measured worst case on these clips: 5.0e-3 dB)."""

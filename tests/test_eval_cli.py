@@ -140,6 +140,7 @@ def write_image_shard(path, items):
                 tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_zeroshot_and_retrieval_read_real_shards(checkpoints, tmp_path):
     items = [("000", (255, 0, 0), ["a red square", "red"], "red"), ("001", (0, 0, 255), ["blue"], "blue"),
              ("002", (0, 255, 0), ["a green one", "green", "green again"], 2)]

@@ -127,6 +127,7 @@ def test_study_grid_is_complete():
     assert names == sorted(f"{m}_{s}" for m in ("clip", "cyclip", "clap", "cyclap") for s in ("none", "unsup", "sup"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDY.glob("*.json")))
 def test_study_config_trains_one_step(tok, name):
     doc = json.loads((STUDY / f"{name}.json").read_text())

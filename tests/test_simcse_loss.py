@@ -26,7 +26,7 @@ def reference64(z1, z2, z3, tau, **kw):
 
 NAMES = ("loss", "dz1", "dz2", "dtemperature", "dhard_negatives")
 CASES = [
-    pytest.param(n, d, backend, id=f"N{n}-d{d}-{backend}")
+    pytest.param(n, d, backend, id=f"N{n}-d{d}-{backend}", marks=[pytest.mark.slow] if n >= 300 else [])
     for n, d in itertools.product(SIZES_N, SIZES_D)
     for backend in backends_for(n, d)
 ]

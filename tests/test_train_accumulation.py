@@ -56,6 +56,7 @@ def process_group():
     init_distributed()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, micro_batches", [(0, 3), (2, 3), (3, 3), (2, 1), (3, 1)])
 def test_whole_batch_gradient_matches_one_big_batch(stage, micro_batches):
     torch.manual_seed(0)

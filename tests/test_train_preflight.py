@@ -149,6 +149,7 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     assert _rows(tmp_path / "metrics.jsonl") == []
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -112,6 +112,7 @@ def dscale_rounding_floor(x, y, s, *, diag_bias=0.0, diag_offset=0, grad_row=Non
 SIZES = [(1, 1, 3), (7, 7, 45), (64, 64, 128), (50, 150, 45), (40, 70, 150)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("n,m,d", SIZES, ids=[f"{n}x{m}x{d}" for n, m, d in SIZES])
 def test_ragged_sizes_both_directions(n, m, d, dtype):
@@ -119,6 +120,7 @@ def test_ragged_sizes_both_directions(n, m, d, dtype):
     check_against_float64(x, y, s, grad_row=g_row, grad_col=g_col)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grads", ["row", "col", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_gradient_terms_independently(grads, dtype):
@@ -127,6 +129,7 @@ def test_gradient_terms_independently(grads, dtype):
                           grad_col=g_col if grads != "row" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_cols", [True, False], ids=["cols", "rows_only"])
 @pytest.mark.parametrize("offset", ["0", "N"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -159,6 +162,7 @@ def test_no_overflow_when_naive_exp_would():
     check_against_float64(x, y, s, grad_row=g_row, grad_col=g_col)
 
 
+@pytest.mark.slow
 def test_non_contiguous_inputs():
     x, y, s, g_row, g_col = inputs(80, 48, 64, seed=4)
     x_t = x.T.contiguous().T                          # column-major
@@ -187,6 +191,7 @@ def test_autograd_through_similarity_lse():
 
 # End to end: the losses with backend="triton" against backend="reference", float64.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,d,label_smoothing", [(1, 3, 0.0), (7, 45, 0.1), (64, 128, 0.0), (100, 45, 0.2)])
 def test_clip_loss_end_to_end(n, d, label_smoothing):
     x = embeddings(n, d, normalised=False, scale=2.0, seed=n).to(DEVICE)
@@ -201,6 +206,7 @@ def test_clip_loss_end_to_end(n, d, label_smoothing):
         assert_close64(a, e, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,d,weight", [(1, 3, 0.0), (7, 45, 0.0), (16, 64, 0.0), (16, 64, 1.5), (50, 128, -2.0)])
 def test_simcse_loss_end_to_end(n, d, weight):
     z1 = embeddings(n, d, normalised=False, scale=3.0, seed=d).to(DEVICE)
@@ -380,6 +386,7 @@ def run_loss(loss, dtype, n, d):
 GEMMS = {"bf16": {128: 4, 512: 4, 1024: 5}, "tf32": {128: 4, 512: 4, 1024: 5}, "fp32": {128: 4, 512: 5, 1024: 5}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [128, 512, 1024])
 @pytest.mark.parametrize("dtype", ["bf16", "tf32", "fp32"])
 @pytest.mark.parametrize("loss", ["clip", "simcse_hard_negatives"])
@@ -414,6 +421,7 @@ def test_exps_per_logit(scale, per_logit):
     assert tile_exps(seen["shapes"], triton_kernel.blocks_for(x.dtype, d)) == per_logit * n * m
 
 
+@pytest.mark.slow
 def test_bitwise_reproducible_and_independent_of_the_split():
     x, y, s, g_row, g_col = inputs(70, 90, 40, seed=12)
     s, g_row, g_col = s.float(), g_row.float(), g_col.float()
@@ -454,6 +462,7 @@ def test_extra_memory_is_linear_in_n_and_bounded_at_a_million():
     assert total[2**20] < 4 * 2**30  # 2 GiB of dX buffer + 0.5 GiB of parts
 
 
+@pytest.mark.slow
 def test_64bit_offsets_when_a_stride_needs_them():
     blocks = triton_kernel.blocks_for(torch.bfloat16, 512)
     million = torch.empty((2**20, 512), dtype=torch.bfloat16, device="meta")
