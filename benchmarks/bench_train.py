@@ -39,12 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from xfast.distributed.rendezvous import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # size -> model family, tower width, micro-batch, micro-batches per step, timed steps / warmup
@@ -294,12 +295,6 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path) -> 
             "data_wait_share": wait / elapsed, "parameters": parameters}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(size_name: str, method: str, steps: int, warmup: int) -> dict:
     """One measurement in fresh subprocesses (one per rank); returns rank 0's result."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -308,7 +303,7 @@ def measure(size_name: str, method: str, steps: int, warmup: int) -> dict:
     world = ranks_of(method)
     command = [sys.executable, __file__, "--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup)]
     if world > 1:
-        port = str(_free_port())
+        port = str(free_port())
         envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(world)]
     else:

@@ -70,9 +70,11 @@ allgather.py or ring.py; exchange.py holds the collectives, checks.py the agreem
 """
 from __future__ import annotations
 
-from xfast.distributed.topk import similarity_topk
+from xfast._lazy import lazy_exports
 
 __all__ = ["similarity_topk", "default_group"]
+# Imported on first use: launchers that only need rendezvous.free_port do not load torch.
+__getattr__, __dir__ = lazy_exports(__name__, {"similarity_topk": "xfast.distributed.topk"})
 
 
 def default_group(group, rank: int, world_size: int):
