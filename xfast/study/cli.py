@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from xfast.config import ConfigError
     from xfast.study.runner import run_study
 
+    from xfast.training.logging import setup_output
+
     args = build_parser().parse_args(argv)
+    setup_output(progress_bar=True)  # the libraries' bars only on a terminal, warnings once
     try:
         plan = plan_from_args(args)
         run_study(plan, train=not args.report_only)
