@@ -110,7 +110,6 @@ def plan_from_args(args):
 def main(argv: list[str] | None = None) -> int:
     from xfast.config import ConfigError
     from xfast.study.runner import run_study
-
     from xfast.training.logging import setup_output
 
     args = build_parser().parse_args(argv)

@@ -162,6 +162,9 @@ def train_runs(runs: list[Run], plan: StudyPlan, say=print) -> list[str]:
             tail = (run.folder / "train.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"{run.label}: training exited with code {code}; last lines of "
                                f"{run.folder / 'train.log'}:\n  " + "\n  ".join(tail))
+        if not (run.folder / "final").is_dir():  # the trainer stopped cleanly on SIGTERM/SIGINT
+            raise RuntimeError(f"{run.label}: training stopped before its last step (it was signalled and "
+                               f"saved a checkpoint); the same study command resumes it")
         (run.folder / DONE_MARKER).write_text(json.dumps(
             {"command": command, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
