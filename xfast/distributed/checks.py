@@ -111,7 +111,7 @@ def _encode_setting(value) -> list[int]:
     if isinstance(value, str):
         return [_TEXT, *_pack(value.encode(), 2)]
     try:
-        number = float(value)  # a python number or a 1-element tensor
+        number = float(value.detach() if hasattr(value, "detach") else value)  # a number or a 1-element tensor
     except Exception:  # noqa: BLE001 - see the docstring
         return [_BAD, 0, 0]
     return [_NUMBER, struct.unpack("<q", struct.pack("<d", number))[0], 0]
