@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(args):
     from xfast.config import ConfigError
     from xfast.study.arms import parse_arms
-    from xfast.study.runner import EvalSpec, StudyPlan, base_modality
+    from xfast.study.runner import EvalSpec, StudyPlan
     from xfast.training.config import load_config
 
     try:
@@ -75,12 +75,13 @@ def plan_from_args(args):
         raise ConfigError(f"--seeds: give distinct seeds, got {args.seeds!r}")
     if args.ranks < 1 or (args.launcher == "python" and args.ranks != 1):
         raise ConfigError("--ranks: must be >= 1, and more than 1 needs --launcher deepspeed or torchrun")
-    bases = {}
+    bases, configs = {}, {}
     for base in args.base:
-        modality = base_modality(base, args.overrides)
+        cfg = load_config([base], args.overrides)
+        modality = cfg.model.modality
         if modality in bases:
             raise ConfigError(f"--base: {bases[modality]} and {base} both train {modality}; give one base per media")
-        bases[modality] = base
+        bases[modality], configs[modality] = base, cfg
     if args.eval_data and len(args.eval_data) != len(args.base):
         raise ConfigError(f"--eval-data: give one per --base ({len(args.base)}), got {len(args.eval_data)}")
     heldout = {}
@@ -88,7 +89,7 @@ def plan_from_args(args):
         if args.eval_data:
             heldout[modality] = args.eval_data[i]
             continue
-        tasks = load_config([base], args.overrides).eval.tasks
+        tasks = configs[modality].eval.tasks
         data = next((t["data"] for t in tasks.values() if t.get("task") == "retrieval"), None)
         if data is None:
             raise ConfigError(f"--base {base}: it has no retrieval eval task, so give the held-out shards with "

@@ -39,9 +39,8 @@ def eval_tasks(spec: EvalSpec, modality: str) -> dict[str, dict]:
 def eval_command(run: Run, task: dict, spec: EvalSpec) -> str:
     """The `xfast eval` command line that prints the same numbers for this run."""
     parts = ["xfast eval", f"--ckpt {run.folder}", f"--task {task['task']}", f"--data '{task['data']}'"]
-    for key in ("space",):
-        if key in task:
-            parts.append(f"--{key} {task[key]}")
+    if "space" in task:
+        parts.append(f"--space {task['space']}")
     if "ks" in task:
         parts.append("--ks " + " ".join(map(str, task["ks"])))
     for key, flag in (("classnames", "--classnames"), ("templates", "--templates")):
@@ -145,7 +144,7 @@ def markdown_table(table: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot_geometry(table: dict[str, dict[str, dict]], results: dict[str, dict], runs: list[Run], path: Path) -> Path | None:
+def plot_geometry(table: dict[str, dict[str, dict]], path: Path) -> Path | None:
     """Cross-modal alignment (x) vs text uniformity (y): each arm's mean with std bars, its seeds as
     small dots. Lower-left is better on both axes."""
     x_key, y_key = "cross-modal alignment", "text uniformity"
@@ -179,7 +178,7 @@ def write_report(results: dict[str, dict], runs: list[Run], plan: StudyPlan, say
     wall, cpu = sum(c["seconds"] for c in costs), sum(c.get("cpu_seconds", 0.0) for c in costs)
     text += f"\nTraining: {len(runs)} runs, {wall:.0f} s wall clock, {cpu:.0f} CPU seconds in all.\n"
     out = plan.out
-    figure = plot_geometry(table, results, runs, out / "alignment_uniformity.png")
+    figure = plot_geometry(table, out / "alignment_uniformity.png")
     if figure is not None:
         text += f"\n![alignment vs uniformity]({figure.name})\n"
     record = {"bases": plan.bases, "arms": [a.name for a in plan.arms], "seeds": plan.seeds,

@@ -68,10 +68,6 @@ class Run:
         return (self.folder / DONE_MARKER).is_file() and (self.folder / "final").is_dir()
 
 
-def base_modality(base: str, overrides: list[str]) -> str:
-    return load_config([base], overrides).model.modality
-
-
 def plan_runs(plan: StudyPlan) -> list[Run]:
     """Every (arm, seed), seed-major (a partial study has whole seeds), each config validated
     now, so a bad arm fails before any training."""
