@@ -188,3 +188,75 @@ def test_opus_decodes():
     decoded, got_rate = decode_audio(out.getvalue(), "opus")
     assert got_rate == rate and abs(decoded.shape[0] - wave.shape[0]) < 1000
     assert np.corrcoef(decoded[5000:20000, 0], wave[5000:20000])[0, 1] > 0.99
+
+
+def _flac(subtype: str, channels: int, frames: int = 60000, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    """A FLAC of noise with the full range of its sample width (and both extremes)."""
+    wave = np.random.default_rng(seed).uniform(-1, 1, size=(frames, channels)).astype(np.float32)
+    wave[:2] = [[-1.0] * channels, [1.0 - 2.0 ** -23] * channels]
+    out = io.BytesIO()
+    soundfile.write(out, wave, 44100, format="FLAC", subtype=subtype)
+    return out.getvalue(), wave
+
+
+def _path_window(path, start: int | None, frames: int) -> np.ndarray:
+    with soundfile.SoundFile(str(path)) as f:
+        if start is not None:
+            f.seek(start)
+        return f.read(frames, dtype="float32", always_2d=True)
+
+
+@pytest.mark.parametrize("subtype,channels", [("PCM_S8", 1), ("PCM_16", 1), ("PCM_16", 2), ("PCM_24", 2)])
+def test_flac_from_bytes_is_libsndfiles_decoding_from_the_path(subtype, channels, tmp_path):
+    from xfast.data.audio_io import FlacReader, read_frames
+
+    data, _ = _flac(subtype, channels)
+    path = tmp_path / "clip.flac"
+    path.write_bytes(data)
+    with open_audio(data, "flac") as f:
+        assert isinstance(f, FlacReader)  # dr_flac decodes it (else this compares libsndfile with itself)
+        assert (f.samplerate, f.channels, f.frames) == (44100, channels, 60000)
+        for start, frames in ((0, 5000), (12345, 30000), (59000, 5000), (7, 1)):
+            f.seek(start)
+            window = read_frames(f, frames)
+            np.testing.assert_array_equal(window, _path_window(path, start, frames))
+            assert f.tell() == start + window.shape[0]
+        f.seek(40000)
+        np.testing.assert_array_equal(read_frames(f), _path_window(path, 40000, -1))  # to the end
+        assert f._fallback is None  # every read above was dr_flac's
+    np.testing.assert_array_equal(decode_audio(data, "flac")[0], from_path(data, tmp_path, "clip.flac")[0])
+
+
+def test_damaged_or_cut_flac_fails_as_libsndfile_does(tmp_path):
+    """dr_flac would skip a frame whose CRC fails and shift what follows; such reads go to
+    libsndfile, which stops with its error (the sample is then skipped as corrupt)."""
+    data, _ = _flac("PCM_16", 1, frames=200000)
+    for at in (0.3, 0.5, 0.7):
+        damaged = bytearray(data)
+        k = int(len(data) * at)
+        damaged[k] ^= 0xFF  # one byte inside a frame: its CRC fails
+        damaged = bytes(damaged)
+        with pytest.raises(soundfile.LibsndfileError):
+            _path_window_bytes(damaged, 20000, 150000)  # the window holds the damage
+        with pytest.raises(soundfile.LibsndfileError):
+            decode_audio(damaged, "flac")
+        with pytest.raises(soundfile.LibsndfileError):
+            _path_window(_write(tmp_path, damaged), 20000, 150000)  # as from the path
+    with pytest.raises(soundfile.LibsndfileError):
+        decode_audio(data[: len(data) * 2 // 3], "flac")
+    with pytest.raises(SampleSkipped, match="corrupt_audio"):
+        AudioTransform(parse(AudioConfig, {}, "audio"), train=False)(data[: len(data) // 2], None, "flac")
+
+
+def _path_window_bytes(data: bytes, start: int, frames: int) -> np.ndarray:
+    from xfast.data.audio_io import read_frames
+
+    with open_audio(data, "flac") as f:
+        f.seek(start)
+        return read_frames(f, frames)
+
+
+def _write(tmp_path, data: bytes):
+    path = tmp_path / "damaged.flac"
+    path.write_bytes(data)
+    return path

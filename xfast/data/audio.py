@@ -143,7 +143,9 @@ class LogMel:
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)).astype(dtype)
         filters = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax,
                                  cfg.mel_scale, cfg.mel_norm, dtype=torch.float64).numpy()
-        self.filters_t = scipy.sparse.csr_matrix(filters.T.astype(dtype))
+        # Bins above the last filter's edge (fmax) feed nothing: their power is never computed.
+        self.bins = int(np.flatnonzero(filters.any(axis=1))[-1]) + 1
+        self.filters_t = scipy.sparse.csr_matrix(filters[: self.bins].T.astype(dtype))
 
     def clip(self, wave: np.ndarray) -> np.ndarray:
         """float32 [frames, n_mels] of one waveform [samples]: centred frames (reflect padding)."""
@@ -153,7 +155,8 @@ class LogMel:
         if wave.shape[0] <= half:
             raise ValueError(f"a waveform of {wave.shape[0]} samples is too short for reflect padding by {half}")
         frames = sliding_window_view(np.pad(wave, half, mode="reflect"), self.n_fft)[:: self.hop_length]
-        spec = scipy.fft.rfft(frames * self.window)  # [frames, freqs], complex in the window's precision
+        # [frames, freqs], complex in the window's precision; the windowed copy is the FFT's scratch.
+        spec = scipy.fft.rfft(frames * self.window, overwrite_x=True)[:, : self.bins]
         power = np.square(spec.real)
         power += np.square(spec.imag)
         mel = (self.filters_t @ power.T).T  # [frames, n_mels]

@@ -12,6 +12,14 @@ from what decodes; `read_frames` stops at what the decoder really yields. libsnd
 past its count, so an MP3 whose count is an estimate that falls short (VBR without a Xing header)
 comes out cut; such a stream (its frames, walked here, hold more than the count and the gapless
 trim together) is decoded by miniaudio (dr_mp3) instead, in memory, whole.
+
+FLAC is lossless, so any correct decoder yields the same integers; miniaudio's dr_flac decodes
+them about twice as fast as libsndfile (libFLAC through libsndfile's buffers) and seeks to a
+sample too. `FlacReader` uses it for 8-24-bit FLAC with a known length and scales the integers
+to float as libsndfile does (by 2^-(bits-1), exact in float32): the same floats. A read that
+stops short of the header's count (a truncated or damaged stream: the two decoders treat damaged
+frames differently) is redone by libsndfile from the same position, so such files decode as
+from their path too.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ _BITRATES = {
 }
 _SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
 _FRAMES_CONFIRMING = 3  # consistent frames in a row that make a sync real (a chain may end at the data's end)
+_FLAC_CHECKED_SAMPLES = 64  # samples at the end of each dr_flac read compared with libsndfile's
 _GAPLESS_FRAMES = 4  # encoder delay + padding that gapless decoding trims stay under 4 frames
 
 
@@ -109,6 +118,106 @@ def first_mpeg_frame(data: bytes) -> int | None:
         offset += 1
 
 
+class FlacReader:
+    """A FLAC stream decoded by dr_flac, read through the part of SoundFile's interface used here."""
+
+    format = "FLAC"
+
+    def __init__(self, data: bytes, handle, lib, ffi):
+        self._data, self._handle, self._lib, self._ffi = data, handle, lib, ffi  # dr_flac reads `data` in place
+        self.samplerate = handle.sampleRate
+        self.channels = handle.channels
+        self.frames = handle.totalPCMFrameCount
+        # dr_flac's int32 samples are left-aligned (sample << (32 - bits)): 2^-31 gives libsndfile's sample / 2^(bits-1).
+        self._scale = np.float32(2.0 ** -31)
+        self._position = 0
+        self._fallback: soundfile.SoundFile | None = None
+
+    def seek(self, frame: int) -> int:
+        if self._fallback is not None:
+            self._position = self._fallback.seek(frame)
+        elif 0 <= frame <= self.frames and self._lib.ma_dr_flac_seek_to_pcm_frame(self._handle, frame):
+            self._position = frame
+        else:
+            self._switch_to_libsndfile()
+            self._position = self._fallback.seek(frame)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def buffer_read_into(self, out: np.ndarray, dtype: str) -> int:
+        if self._fallback is not None:
+            got = self._fallback.buffer_read_into(out, dtype)
+            self._position += got
+            return got
+        want = min(out.shape[0], self.frames - self._position)
+        ints = np.empty((out.shape[0], self.channels), dtype=np.int32)
+        got = self._lib.ma_dr_flac_read_pcm_frames_s32(self._handle, want, self._ffi.from_buffer("int[]", ints))
+        past_count = want < out.shape[0] and self._lib.ma_dr_flac_read_pcm_frames_s32(
+            self._handle, 1, self._ffi.from_buffer("int[]", np.empty(self.channels, dtype=np.int32)))
+        # Short of the header's count, more than it holds, or shifted by a damaged frame: libsndfile decides.
+        if got < want or past_count or not self._ends_where_expected(ints[:got], self._position + got):
+            start = self._position
+            self._switch_to_libsndfile()
+            self._fallback.seek(start)
+            return self.buffer_read_into(out, dtype)
+        np.multiply(ints[:got], self._scale, out=out[:got], dtype=np.float32)  # int -> float32 exact up to 24 bits
+        self._position += got
+        return got
+
+    def _ends_where_expected(self, ints: np.ndarray, end: int) -> bool:
+        """Whether the last samples read are libsndfile's samples at `end`. dr_flac skips a frame
+        that fails its CRC and goes on, which shifts what follows (and its own seeks skip the same
+        way); libsndfile seeks by the frames' sample numbers and stops with an error on a damaged
+        frame. Comparing the tail costs one frame's decoding."""
+        tail = min(len(ints), _FLAC_CHECKED_SAMPLES)
+        if tail == 0:
+            return True
+        check = np.empty((tail, self.channels), dtype=np.int32)
+        try:
+            with soundfile.SoundFile(io.BytesIO(self._data)) as f:
+                f.seek(end - tail)
+                got = f.buffer_read_into(check, "int32")  # libsndfile's int32 is left-aligned, as dr_flac's
+        except soundfile.LibsndfileError:
+            return False
+        return got == tail and np.array_equal(check, ints[-tail:])
+
+    def _switch_to_libsndfile(self) -> None:
+        self._fallback = soundfile.SoundFile(io.BytesIO(self._data))
+        self._release()
+
+    def _release(self) -> None:
+        if self._handle is not None:
+            self._lib.ma_dr_flac_close(self._handle)
+            self._handle = None
+
+    def close(self) -> None:
+        self._release()
+        if self._fallback is not None:
+            self._fallback.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_flac(data: bytes) -> FlacReader | None:
+    """dr_flac's reader for plain FLAC it decodes as libsndfile does, else None."""
+    import miniaudio
+
+    lib, ffi = miniaudio.lib, miniaudio.ffi
+    handle = lib.ma_dr_flac_open_memory(ffi.from_buffer(data), len(data), ffi.NULL)
+    if handle == ffi.NULL:
+        return None
+    if not 8 <= handle.bitsPerSample <= 24 or handle.totalPCMFrameCount == 0 or handle.channels == 0:
+        lib.ma_dr_flac_close(handle)  # 32-bit samples are not exact in float32; unknown lengths: libsndfile
+        return None
+    return FlacReader(data, handle, lib, ffi)
+
+
 class DecodedAudio:
     """A clip decoded whole into memory, read through the part of SoundFile's interface used here."""
 
@@ -141,10 +250,14 @@ class DecodedAudio:
         self.close()
 
 
-def open_audio(data: bytes, ext: str | None = None) -> soundfile.SoundFile | DecodedAudio:
+def open_audio(data: bytes, ext: str | None = None) -> soundfile.SoundFile | DecodedAudio | FlacReader:
     """The audio in `data`, positioned at its first frame; `ext` (the member's extension, e.g. 'mp3')
     is the format hint libsndfile takes from a file name. Raises soundfile's error when the data is
     not audio."""
+    if data[:4] == b"fLaC":
+        reader = _open_flac(data)
+        if reader is not None:
+            return reader
     start = 0
     try:
         f = soundfile.SoundFile(io.BytesIO(data))
