@@ -233,19 +233,25 @@ def main(argv=None) -> int:
                              "<commit>`) in the same run, rows interleaved with this one's")
     parser.add_argument("--modality", choices=["image", "audio", "both"], default="both",
                         help="which pipelines to time (default both)")
-    parser.add_argument("--save", action="store_true", help="write the results to benchmarks/results/data.json")
+    parser.add_argument("--clips", type=int, help="audio clips in the epoch (default 512, --quick 32)")
+    parser.add_argument("--images", type=int, help="images in the epoch (default 1024, --quick 256)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the results to benchmarks/results/data.json (with --modality, only that "
+                             "pipeline's rows are replaced)")
     parser.add_argument("--out", help="write the results as JSON to this path instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(json.loads(args.child))
     _pin()
-    n_images, n_clips = (256, 32) if args.quick else (1024, 128)
+    n_images, n_clips = (256, 32) if args.quick else (1024, 512)
+    n_images, n_clips = args.images or n_images, args.clips or n_clips
     rounds = 1 if args.quick else args.rounds
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     trees = [("xfast", here)] + ([(f"xfast before ({_git_label(args.before)})", args.before)] if args.before else [])
     modalities = ["image", "audio"] if args.modality == "both" else [args.modality]
     rows = []
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for modality in modalities:
             pattern = (make_image_shards(tmp, n_images, 64) if modality == "image"
@@ -266,7 +272,9 @@ def main(argv=None) -> int:
                              "samples_per_s": float(np.median([r["samples_per_s"] for r in per_round])),
                              "speedup": float(np.median(speedups)),
                              "samples_per_cpu_s": float(np.median([r["samples_per_cpu_s"] for r in per_round])),
-                             "first_batch_s": float(np.median(first)) if first else None})
+                             "first_batch_s": float(np.median(first)) if first else None,
+                             "epoch_samples": n_images if modality == "image" else n_clips, "rounds": rounds,
+                             "load_average_1min_at_start": load_at_start})
     lines = ["| pipeline | loader | samples/s | vs naive | samples per CPU-s | first batch (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for row in rows:
@@ -274,15 +282,18 @@ def main(argv=None) -> int:
         lines.append(f"| {row['pipeline']} | {row['loader']} | {row['samples_per_s']:.1f} | "
                      f"{row['speedup']:.2f}x | {row['samples_per_cpu_s']:.1f} | {first} |")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines.append(f"(median of {rounds} interleaved rounds; load average at the end: {os.getloadavg()[0]:.1f} "
-                 f"on {cores} cores)")
+    lines.append(f"(median of {rounds} interleaved rounds; load average at the start {load_at_start:.1f}, at the end "
+                 f"{os.getloadavg()[0]:.1f}, on {cores} cores)")
     print("\n".join(lines))
     out = args.out or (os.path.join(os.path.dirname(__file__), "results", "data.json") if args.save else None)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if os.path.exists(out):  # timing one pipeline replaces its rows and keeps the other's
+            with open(out) as f:
+                rows = [r for r in json.load(f)["rows"] if r["pipeline"] not in modalities] + rows
+            rows.sort(key=lambda r: r["pipeline"] != "image")
         with open(out, "w") as f:
-            json.dump({"rows": rows, "batch_size": args.batch_size, "images": n_images, "clips": n_clips,
-                       "rounds": rounds, "load_average_1min": os.getloadavg()[0], "cores": cores,
+            json.dump({"rows": rows, "batch_size": args.batch_size, "cores": cores,
                        "cpu": _cpu_model(), "machine": platform.platform(), "python": sys.version.split()[0],
                        "torch": torch.__version__}, f, indent=1)
         print(f"wrote {out}")
