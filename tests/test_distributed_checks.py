@@ -91,6 +91,121 @@ def test_mismatches_raise_on_every_rank_and_a_missing_rank_times_out():
     run_ranks(2, two_ranks)
 
 
+class CountAllGathers:
+    """Counts torch.distributed.all_gather calls (the agreement records; the losses' own
+    exchange uses all_gather_single) while installed."""
+
+    def __init__(self):
+        self.calls, self._real = 0, dist.all_gather
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._real(*args, **kwargs)
+
+
+def repeated_steps(rank, world):
+    group = dist.group.WORLD
+    s = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)
+    x, y = inputs(rank)
+    full = [torch.cat([inputs(r)[i].detach() for r in range(world)]) for i in (0, 1)]
+
+    def step_losses(x, y, scale, smoothing=0.0):
+        return (xfast.clip_loss(x, y, scale, group=group, label_smoothing=smoothing)
+                + xfast.simcse_loss(x, y, group=group, temperature=0.05))
+
+    expected = reference.clip_loss(*full, s.detach()[0]) + reference.simcse_loss(*full, temperature=0.05)
+    checked = step_losses(x, y, s)
+    grads = torch.autograd.grad(checked, (x, y, s))
+    torch.testing.assert_close(checked, expected)
+
+    repeats = checks.RepeatedSteps()
+    counter = CountAllGathers()
+    dist.all_gather = counter
+    try:
+        per_step = []
+        for step in range(3):
+            before, stored = counter.calls, dict(checks._arrivals.calls)
+            with repeats.step("pairs"):
+                loss = step_losses(x, y, s)
+                torch.testing.assert_close(loss, checked, rtol=0, atol=0)
+                for got, want in zip(torch.autograd.grad(loss, (x, y, s)), grads):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+            per_step.append(counter.calls - before)
+            assert (checks._arrivals.calls != stored) == (step == 0)  # the store is written on step 1 only
+        # Two loss calls: two agreement all-gathers on the first step, none on the repeats.
+        assert per_step == [2, 0, 0]
+
+        # A rank-local change raises on that rank, before any collective: the other rank makes
+        # no call (it would wait in the loss's exchange), and a fallback to an agreement
+        # all-gather would show in the count or hang instead of raising.
+        if rank == 1:
+            before = counter.calls
+            with pytest.raises(ValueError, match=r"clip_loss: in a repeated step of kind 'pairs', call 1: this "
+                                                 r"rank's local shape changed from LocalShape\(rows=4.* to "
+                                                 r"LocalShape\(rows=3.*data.drop_last"):
+                with repeats.step("pairs"):
+                    step_losses(x[:3], y[:3], s)
+            assert counter.calls == before
+        dist.barrier()
+        # The same on both ranks (no hang either way): a changed setting, an extra call, a missing call.
+        with pytest.raises(ValueError, match=r"call 1: this rank's settings changed from .*'label_smoothing', "
+                                             r"0.0.* to .*'label_smoothing', 0.1"):
+            with repeats.step("pairs"):
+                step_losses(x, y, s, smoothing=0.1)
+        with pytest.raises(ValueError, match=r"cyclip_loss: in a repeated step of kind 'pairs', call 3 was not "
+                                             r"made by the first step of that kind \(2 calls\)"):
+            with repeats.step("pairs"):
+                step_losses(x, y, s)
+                xfast.cyclip_loss(x, y, group=group)
+        with pytest.raises(ValueError, match="a repeated step of kind 'pairs' made 1 agreement calls, the first "
+                                             "step of that kind 2"):
+            with repeats.step("pairs"):
+                xfast.clip_loss(x, y, s, group=group)
+        # Repeats skip the value checks: NaN embeddings and a negative scale pass (the losses are
+        # NaN); the first step of a new kind still checks them, alike on every rank.
+        broken = torch.full_like(x, float("nan")) if rank == 1 else x
+        with repeats.step("pairs"):
+            assert torch.isnan(xfast.clip_loss(broken, y, s, group=group)).item()
+            assert torch.isfinite(xfast.simcse_loss(x, y, group=group, temperature=0.05))
+        before = counter.calls
+        with pytest.raises(ValueError, match=r"invalid input on (rank 1|this rank) \(of 2\): x contains NaN"):
+            with repeats.step("other"):
+                xfast.clip_loss(broken, y, s, group=group)
+        # A first step that failed is not recorded: the next step of that kind agrees again.
+        with repeats.step("other"):
+            torch.testing.assert_close(xfast.clip_loss(x, y, s, group=group), reference.clip_loss(*full, s.detach()[0]))
+        assert counter.calls - before == 2
+    finally:
+        dist.all_gather = counter._real
+
+
+@pytest.mark.multiprocess
+def test_repeated_steps_agree_on_the_first_step_only_and_a_changed_rank_raises_alone():
+    run_ranks(2, repeated_steps)
+
+
+def test_repeated_steps_skip_the_value_checks_in_one_process():
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    nan = torch.full_like(x, float("nan"))
+    repeats = checks.RepeatedSteps()
+    with repeats.step("pairs"):
+        xfast.clip_loss(x, y, torch.tensor(2.0))
+        with pytest.raises(ValueError, match="x contains NaN"):
+            xfast.clip_loss(nan, y, torch.tensor(2.0))
+        with pytest.raises(ValueError, match="logit_scale must be positive and finite, got -2.0"):
+            xfast.clip_loss(x, y, torch.tensor(-2.0))
+    with repeats.step("pairs"):
+        assert torch.isnan(xfast.clip_loss(nan, y, torch.tensor(2.0)))
+        xfast.clip_loss(x, y, torch.tensor(-2.0))  # not read: no device wait
+        # Structure is still checked, and a python scale costs no wait: still checked.
+        with pytest.raises(ValueError, match="y has embedding dim 6 but x has 8"):
+            xfast.clip_loss(x, y[:, :6], torch.tensor(2.0))
+        with pytest.raises(ValueError, match="logit_scale must be positive and finite, got -2.0"):
+            xfast.clip_loss(x, y, -2.0)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        xfast.clip_loss(nan, y, torch.tensor(2.0))
+
+
 def test_group_needs_an_initialised_process_group():
     if dist.is_initialized():
         pytest.skip("this process already has a default process group")

@@ -1,11 +1,28 @@
 """Input validation shared by the losses: every error names the argument at fault."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_values_trusted = contextvars.ContextVar("xfast_values_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Inside: the losses skip the checks that read tensor values (finite embeddings, the value
+    of a tensor scale or temperature), each a device-to-host wait on an accelerator; structure
+    (shapes, dtypes, devices) is still checked. For the repeated steps of a training loop whose
+    first step of the same kind ran every check (xfast.distributed.checks.RepeatedSteps)."""
+    token = _values_trusted.set(True)
+    try:
+        yield
+    finally:
+        _values_trusted.reset(token)
 
 
 def check_float_matrix(name: str, t, *, rows: str = "batch") -> None:
@@ -40,18 +57,21 @@ def check_alike(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, sa
 
 
 def check_embeddings(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:
-    """2-D floating tensors on one device, one dtype, one width, finite, non-empty."""
+    """2-D floating tensors on one device, one dtype, one width, finite (unless under
+    trusted_values), non-empty."""
     for name, t in zip(names, tensors):
         check_float_matrix(name, t)
         if t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): a contrastive loss needs at least one pair")
     check_alike(names, tensors, same_rows=same_rows)
-    for name, t in zip(names, tensors):
-        check_finite(name, t)
+    if not _values_trusted.get():
+        for name, t in zip(names, tensors):
+            check_finite(name, t)
 
 
 def check_positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
-    """A positive finite scalar (python number or 1-element tensor) as a tensor on `device`."""
+    """A positive finite scalar (python number or 1-element tensor) as a tensor on `device`
+    (a tensor's value is not read under trusted_values)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must hold a single value, got shape {tuple(value.shape)}")
@@ -59,6 +79,8 @@ def check_positive_scalar(name: str, value, device: torch.device) -> torch.Tenso
             raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+        if _values_trusted.get():
+            return value
         v = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)

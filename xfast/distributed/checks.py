@@ -6,6 +6,10 @@ then all ranks all-gather one small fixed-size record (error message, row counts
 dtype, whether backward will run, settings that must agree) with a timeout, and every rank
 raises the same clear error if anything is off. Only then does the real exchange start.
 
+A training loop repeats the same calls step after step: under RepeatedSteps.step(kind) the
+first step of each kind agrees collectively and later ones reuse its answers without a
+collective (see RepeatedSteps).
+
 The wait is bounded by XFAST_DIST_TIMEOUT_S seconds (default 1800, torch's default process
 group timeout) and by the group's own timeout: a rank that never reaches the op (crashed, or
 took another code path) gives a RuntimeError naming the op, how long this rank really waited
@@ -14,6 +18,8 @@ legitimately drift apart (e.g. rank 0 evaluating while the others wait).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import os
 import struct
@@ -24,6 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from xfast._checks import trusted_values
 from xfast.distributed.exchange import offsets
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -172,6 +179,94 @@ class _Arrivals:
 _arrivals = _Arrivals()
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One agreement call of a recorded step, and its answer."""
+    op: str
+    group_name: str
+    local: LocalShape
+    settings: tuple  # (name, value) of the settings that are not tensors
+    layout: Layout
+
+
+def _plain_settings(same: dict) -> tuple:
+    return tuple((name, value) for name, value in same.items() if not isinstance(value, torch.Tensor))
+
+
+class _StepCalls:
+    """The agreement calls of the step in progress: recorded, or replayed from a record."""
+
+    def __init__(self, kind, calls: list[_Call], replay: bool):
+        self.kind, self.calls, self.replay, self.index = kind, calls, replay, 0
+
+    def answer(self, op: str, group, describe: Callable[[], LocalShape], same: dict) -> Layout:
+        """The recorded Layout, once this rank's call is checked to be the recorded one; any
+        difference raises here, on this rank only (no collective: the other ranks skip it)."""
+        check_group(group)
+        where = f"{op}: in a repeated step of kind {self.kind!r}, call {self.index + 1}"
+        if self.index >= len(self.calls):
+            raise ValueError(f"{where} was not made by the first step of that kind ({len(self.calls)} calls)")
+        call = self.calls[self.index]
+        self.index += 1
+        local, settings = describe(), _plain_settings(same)
+        if (op, group.group_name) != (call.op, call.group_name):
+            raise ValueError(f"{where} is {op} on group {group.group_name!r}; the first step of that kind made "
+                             f"{call.op} on group {call.group_name!r}")
+        for what, now, then in (("local shape", local, call.local), ("settings", settings, call.settings)):
+            if now != then:
+                raise ValueError(f"{where}: this rank's {what} changed from {then} (first step of that kind) to "
+                                 f"{now}. Repeated steps skip the agreement across ranks, so their shapes and "
+                                 f"settings must not change (e.g. no ragged last batch: data.drop_last)")
+        return call.layout
+
+    def record(self, op: str, group, local: LocalShape, same: dict, layout: Layout) -> None:
+        self.calls.append(_Call(op, group.group_name, local, _plain_settings(same), layout))
+
+
+_step_calls: contextvars.ContextVar[_StepCalls | None] = contextvars.ContextVar("xfast_step_calls", default=None)
+
+
+class RepeatedSteps:
+    """Agreement for a loop of repeated steps: collective on the first step of each kind, then local.
+
+    Under step(kind), the first step of a kind runs every agree() call (and every value check)
+    as usual and records the calls in order. A later step of the same kind answers each call
+    from that record with no collective and no store write, after checking that this rank's
+    call is the recorded one (op, group, local shape, settings that are not tensors), and skips
+    the losses' checks that read tensor values (xfast._checks.trusted_values: device-to-host
+    waits on an accelerator).
+
+    The caller guarantees what is no longer checked: `kind` is the same on every rank at every
+    step (e.g. the objective's plan of the step), the row counts of a kind never change (no
+    ragged batches), and tensor settings (a learnable logit scale) are equal on every rank
+    (replicated parameters). A rank whose call differs from the record anyway raises there:
+    falling back to a collective that the other ranks skip would leave them waiting.
+    """
+
+    def __init__(self):
+        self._recorded: dict[object, list[_Call]] = {}
+
+    @contextlib.contextmanager
+    def step(self, kind):
+        calls = self._recorded.get(kind)
+        current = _StepCalls(kind, [] if calls is None else calls, replay=calls is not None)
+        token = _step_calls.set(current)
+        try:
+            if current.replay:
+                with trusted_values():
+                    yield
+            else:
+                yield
+        finally:
+            _step_calls.reset(token)
+        # Reached only when the step completed.
+        if not current.replay:
+            self._recorded[kind] = current.calls
+        elif current.index != len(calls):
+            raise ValueError(f"a repeated step of kind {kind!r} made {current.index} agreement calls, the first "
+                             f"step of that kind {len(calls)}")
+
+
 def agree(op: str, group, describe: Callable[[], LocalShape], same: dict | None = None) -> Layout:
     """Runs `describe` (local validation returning the local shape) on every rank and
     returns the agreed Layout, or raises the same error on every rank.
@@ -179,10 +274,14 @@ def agree(op: str, group, describe: Callable[[], LocalShape], same: dict | None 
     `same` holds settings that must be equal on all ranks (numbers, bools or strings): those
     that steer the communication pattern, where a mismatch would hang, and the loss's scalars
     (logit_scale, temperature, ...), where it would silently mix two losses.
+    Inside a repeated step of RepeatedSteps.step the recorded answer is returned instead.
     """
+    same = same or {}
+    step_calls = _step_calls.get()
+    if step_calls is not None and step_calls.replay:
+        return step_calls.answer(op, group, describe, same)
     check_group(group)
     limit = timeout()
-    same = same or {}
     if len(same) > MAX_SETTINGS:
         raise ValueError(f"{op}: at most {MAX_SETTINGS} settings can be agreed on, got {len(same)}")
     try:
@@ -217,7 +316,10 @@ def agree(op: str, group, describe: Callable[[], LocalShape], same: dict | None 
             f"same call; {_arrivals.missing(group, rank, world, count)} did not arrive (crashed, or took another "
             f"code path). The wait is bounded by XFAST_DIST_TIMEOUT_S={limit.total_seconds():g} s and by the "
             f"process group's own timeout, whichever ends first. ({err})") from err
-    return _layout(op, group, rank, world, same, torch.stack(records).cpu().tolist(), local_error)
+    layout = _layout(op, group, rank, world, same, torch.stack(records).cpu().tolist(), local_error)
+    if step_calls is not None:
+        step_calls.record(op, group, local, same, layout)
+    return layout
 
 
 def _layout(op, group, rank, world, same, table, local_error) -> Layout:

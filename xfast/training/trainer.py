@@ -14,7 +14,9 @@ whole_batch_step turns them into one contrastive loss over the whole global batc
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from xfast.config import ConfigError
+from xfast.distributed.checks import RepeatedSteps
 from xfast.models import Objective, build_model
 from xfast.training.accumulation import whole_batch_step
 from xfast.training.checkpoint import CheckpointManager, clean_replace_leftovers, replace_dir, tag_for
@@ -89,6 +92,11 @@ class Trainer:
                                            self.model.tokenizer, rank=self.rank, world_size=self.world)
         self.evaluation = PeriodicEvaluation(cfg.eval, cfg.data, zero_stage=cfg.deepspeed.zero_stage,
                                              rank=self.rank)
+        # Steps of one plan repeat the same loss calls on batches of fixed size: the losses' checks
+        # across ranks and of tensor values run on the first step of each plan only. A stream that
+        # keeps ragged batches (data.drop_last false) changes its row count: every step checks.
+        fixed_rows = all(section.drop_last for section in (cfg.data, cfg.sentence_data, cfg.nli_data) if section)
+        self.repeats = RepeatedSteps() if fixed_rows else None
         self.step = 0
         state = self.checkpoints.load(self.engine) if cfg.checkpoint.resume != "never" else None
         if state is not None:
@@ -109,9 +117,10 @@ class Trainer:
         """One optimizer step over deepspeed.accumulation_steps micro-batches per rank."""
         plan = self.objective.plan(self.step)
         micro = [self.streams.draw(plan.streams) for _ in range(self.cfg.deepspeed.accumulation_steps)]
-        loss, parts, shared = whole_batch_step(
-            self.engine, [dict(batch, plan=plan) for batch in micro],
-            lambda features, shared, group: self.task.loss(features, shared, plan, group=group))
+        with self.repeats.step(plan) if self.repeats else contextlib.nullcontext():
+            loss, parts, shared = whole_batch_step(
+                self.engine, [dict(batch, plan=plan) for batch in micro],
+                lambda features, shared, group: self.task.loss(features, shared, plan, group=group))
         self.step += 1
         samples = sum(batch_rows(batch[plan.streams[0]]) for batch in micro) * self.world
         return StepResult(self.step, loss, parts, shared, samples)
@@ -167,7 +176,13 @@ class Trainer:
             self.logger.log_eval(self.step, metrics)
 
     def _log(self, result: StepResult) -> None:
-        scalars = {"loss": float(result.loss), "logit_scale": float(result.shared["logit_scale"].reshape(-1)[0]),
+        loss = float(result.loss)  # the global loss: the same value, and the same decision, on every rank
+        if not math.isfinite(loss):
+            # Repeated steps do not check the features for NaN/inf (a device wait per loss call):
+            # a non-finite loss is caught here, at the next logging step, instead.
+            raise FloatingPointError(f"the loss is {loss} at step {result.step}: the model's features or "
+                                     f"parameters hold NaN or inf (see the last checkpoint and metrics.jsonl)")
+        scalars = {"loss": loss, "logit_scale": float(result.shared["logit_scale"].reshape(-1)[0]),
                    "lr": self.engine.get_lr()[0], **{f"loss/{k}": float(v) for k, v in result.parts.items()}}
         self.logger.log(self.step, scalars, skipped=_sum_over_ranks(self.streams.skip_counts()))
 
