@@ -42,13 +42,14 @@ def worker(mode: str, batch_size: int, steps: int, warmup: int, root: Path) -> d
         make_deterministic()
     elif mode == "deterministic_fill":
         torch.use_deterministic_algorithms(True)
-    tokenizer, step, parameters = _xfast_step_fn("clip", root / "tokenizer", batch_size)
-    batches = list(iter(_loader("clip", batch_size, root, tokenizer)))[:4]  # timing the step, not the loader
+    size = dict(model="clip", hidden=32, batch=batch_size, micro_batches=1)
+    tokenizer, step, parameters = _xfast_step_fn(size, "xfast", root / "tokenizer", 1, {})
+    batches = list(iter(_loader(size, batch_size, root, tokenizer, rank=0, world=1)))[:4]  # the step, not the loader
     for i in range(warmup):
-        step(batches[i % len(batches)])
+        step([batches[i % len(batches)]])
     start = time.perf_counter()
     for i in range(steps):
-        step(batches[i % len(batches)])
+        step([batches[i % len(batches)]])
     return {"seconds_per_step": (time.perf_counter() - start) / steps, "parameters": parameters}
 
 

@@ -9,6 +9,9 @@ spent waiting for the next batch) is comparable.
 Sizes (SIZES):
   tiny_clap, tiny_clip  the demo's towers: hidden 32, 2 layers, batch 32. CLAP = RoBERTa +
                         HTSAT (MLP projections), CLIP = CLIP text + CLIP vision (linear).
+  tiny_clip_b4096       the tiny CLIP towers at batch 4096 in one batch: the largest share of the
+                        step the N x N loss can take here (tiny towers, embedding 32), where
+                        the plain loop's 4096 x 4096 logits and their softmax grads weigh most.
   wide_b1024            CLIP text + CLIP vision of hidden 128 (2 layers, 4 heads), embedding
                         128, batch 1024: the contrastive batch is large next to the towers.
   wide_b4096            the same towers, batch 4096: xfast as 4 micro-batches of 1024 with
@@ -53,12 +56,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "tiny_clap": dict(model="clap", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
     "tiny_clip": dict(model="clip", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
+    "tiny_clip_b4096": dict(model="clip", hidden=32, batch=4096, micro_batches=1, steps=3, warmup=1),
     "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=2, warmup=1),
     "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=1, warmup=1),
 }
 METHODS = ("xfast", "xfast_zero0", "xfast_torch", "transformers", "xfast_2ranks", "open_clip_2ranks")
 DEFAULT_METHODS = {"tiny": ("xfast", "xfast_zero0", "xfast_torch", "transformers"),
+                   "large": ("xfast", "xfast_torch", "transformers"),
                    "wide": ("xfast", "transformers", "xfast_2ranks", "open_clip_2ranks")}
+
+
+def default_methods(size_name: str) -> tuple[str, ...]:
+    size = SIZES[size_name]
+    return DEFAULT_METHODS["wide" if size["hidden"] > 32 else "large" if size["batch"] > 256 else "tiny"]
 
 
 def ranks_of(method: str) -> int:
@@ -114,11 +124,12 @@ class _TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int):
+def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_extra: dict):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
     from xfast.config import parse
+    from xfast.distributed.checks import RepeatedSteps
     from xfast.models import Objective, ObjectiveConfig
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.engine import build_engine, deepspeed_config, init_distributed, param_groups
@@ -139,12 +150,15 @@ def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int):
     else:
         engine = build_engine(task, ds_config=deepspeed_config(
             micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
-            zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0),
+            zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0, extra=ds_extra),
             betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
 
+    repeats = RepeatedSteps()  # as the Trainer: checks across ranks on the first step only
+
     def step(micro):
-        loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "plan": plan} for batch in micro],
-                                      lambda f, s, group: task.loss(f, s, plan, group=group))
+        with repeats.step(plan):
+            loss, _, _ = whole_batch_step(engine, [{"pairs": batch, "plan": plan} for batch in micro],
+                                          lambda f, s, group: task.loss(f, s, plan, group=group))
         return loss
 
     return model.tokenizer, step, sum(p.numel() for p in model.parameters())
@@ -249,7 +263,7 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
     return tokenizer, step, sum(p.numel() for p in params)
 
 
-def worker(size_name: str, method: str, steps: int, warmup: int, root: Path) -> dict | None:
+def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_extra: dict) -> dict | None:
     """Runs in the subprocess (one per rank): `warmup` untimed steps, then `steps` timed ones."""
     import torch
     torch.manual_seed(0)
@@ -261,7 +275,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path) -> 
     elif method == "open_clip_2ranks":
         tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer")
     else:
-        tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world)
+        tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world, ds_extra)
     micro_batches = size["micro_batches"]
     rank_batch = size["batch"] // world
     if method == "transformers" or method == "open_clip_2ranks":  # one pass over the whole batch
@@ -295,13 +309,14 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path) -> 
             "data_wait_share": wait / elapsed, "parameters": parameters}
 
 
-def measure(size_name: str, method: str, steps: int, warmup: int) -> dict:
+def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict) -> dict:
     """One measurement in fresh subprocesses (one per rank); returns rank 0's result."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     world = ranks_of(method)
-    command = [sys.executable, __file__, "--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup)]
+    command = [sys.executable, __file__, "--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
+               "--ds-extra", json.dumps(ds_extra)]
     if world > 1:
         port = str(free_port())
         envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -393,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="sizes to measure (default all)")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="methods (default: per size, " + "; ".join(f"{k}*: {' '.join(v)}"
-                                                                           for k, v in DEFAULT_METHODS.items()) + ")")
+                        help="methods (default: per size; tiny: " + " ".join(DEFAULT_METHODS["tiny"]) + "; "
+                             "tiny_clip_b4096: " + " ".join(DEFAULT_METHODS["large"]) + "; wide: "
+                             + " ".join(DEFAULT_METHODS["wide"]) + ")")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per tiny measurement (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, tiny sizes (default 5)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the best is kept (default 3)")
+    parser.add_argument("--ds-extra", type=json.loads, default={}, metavar="JSON",
+                        help="DeepSpeed config keys merged into the xfast methods' config (the trainer's "
+                             "deepspeed.extra), e.g. '{\"zero_optimization\": {\"overlap_comm\": true}}'")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/train.{json,md}")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -408,13 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     from xfast.training import demo_data
     root, _ = demo_data.ensure()
     if args.worker:
-        result = worker(*args.worker, args.steps, args.warmup, root)
+        result = worker(*args.worker, args.steps, args.warmup, root, args.ds_extra)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
 
     from tqdm.auto import tqdm
-    methods_of = {s: [m for m in (args.methods or DEFAULT_METHODS[s.split("_")[0]])] for s in args.sizes}
+    methods_of = {s: list(args.methods or default_methods(s)) for s in args.sizes}
     jobs = [(s, m) for _ in range(args.repeat) for s in args.sizes for m in methods_of[s]]
     runs: dict[tuple[str, str], list[dict]] = {}
     command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
@@ -423,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
         steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
-        runs.setdefault((size_name, method), []).append(measure(size_name, method, steps, warmup))
+        runs.setdefault((size_name, method), []).append(measure(size_name, method, steps, warmup, args.ds_extra))
         complete = [s for s in args.sizes if all(len(runs.get((s, m), [])) == args.repeat for m in methods_of[s])]
         if complete != done:  # a size has all its rounds: report (and save) it now, not only at the end
             done = complete
