@@ -1,9 +1,13 @@
 """Distributed clip/simcse/cyclip losses on spawned gloo groups against the single-process
 float64 reference on the concatenated batch: the value on every rank, every rank's input
-gradients and the logit_scale/temperature gradient, for both gradient reductions."""
+gradients and the logit_scale/temperature gradient, for both gradient reductions; 16-bit
+inputs against float64 by flash-attention's rule, and what travels between the ranks."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -12,7 +16,9 @@ import torch.nn.functional as F
 
 import xfast
 from tests.dist_utils import run_ranks
+from tests.loss_cases import assert_within_torch_error
 from xfast import reference
+from xfast.distributed.exchange import Ring
 
 D = 8
 
@@ -159,6 +165,113 @@ def check_ddp(rank, world, sizes):
         for (name, p), q in zip(ddp.module.named_parameters(), single.parameters()):
             what = f"DDP {mode} rank {rank}: grad of {name}"
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m, what=what: f"{what}: {m}")
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Unit roundoff of one rounding to nearest: 8 and 11 significant bits.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@contextlib.contextmanager
+def recorded_messages():
+    """Records (kind, dtype, shape) of every tensor this rank hands to the exchanges'
+    collectives: 'gather' (all-gather), 'scatter' (reduce-scatter), 'block' (a ring block sent
+    on), 'accumulator' (a ring accumulator sent on)."""
+    log = []
+    gather, scatter, p2p = dist.all_gather_single, dist.reduce_scatter_single, dist.batch_isend_irecv
+
+    def all_gather_single(out, t, **kw):
+        log.append(("gather", t.dtype, tuple(t.shape)))
+        return gather(out, t, **kw)
+
+    def reduce_scatter_single(out, t, **kw):
+        log.append(("scatter", t.dtype, tuple(t.shape)))
+        return scatter(out, t, **kw)
+
+    def batch_isend_irecv(ops):
+        for op in ops:
+            if op.op is dist.isend:
+                log.append(("block" if op.tag == Ring.TAG_BLOCK else "accumulator", op.tensor.dtype,
+                            tuple(op.tensor.shape)))
+        return p2p(ops)
+
+    with mock.patch.multiple(dist, all_gather_single=all_gather_single, reduce_scatter_single=reduce_scatter_single,
+                             batch_isend_irecv=batch_isend_irecv):
+        yield log
+
+
+def whole_batch_grads(grads, sizes, group):
+    """Every rank's gradient slices (grad_reduction='sum') concatenated in rank order."""
+    slices = [None] * len(sizes)
+    dist.all_gather_object(slices, [g.double() for g in grads], group=group)
+    return [torch.cat(parts) for parts in zip(*slices)]
+
+
+def check_16bit_case(what, rank, sizes, group, dtype, fused, single, tensors, scalar, one_rounding):
+    """fused on 16-bit rank slices (grad_reduction='sum') against float64 on the whole batch
+    of the same 16-bit values, by flash-attention's rule: the error is at most twice that of
+    plain torch computing the whole batch in that dtype (plus a floor at float32 rounding).
+
+    one_rounding: the backend computes in float32 and rounds the gradients to 16 bits once
+    (the CPU kernel), so each entry lies within one rounding of the exact value plus float32
+    error. Partial gradients summed in 16 bits (over blocks or ranks) break this."""
+    low = [t.to(dtype) for t in tensors]
+    value, grads, scalar_grad = grads_of(fused, [local_slice(t, sizes, rank) for t in low], scalar.float())
+    assert all(g.dtype == dtype for g in grads), f"{what}: gradients {[g.dtype for g in grads]}, inputs {dtype}"
+    grads = whole_batch_grads(grads, sizes, group)
+    scalar_grad = scalar_grad.double()
+    dist.all_reduce(scalar_grad, group=group)  # the shares sum to dL/ds
+    exact = grads_of(single, [t.double() for t in low], scalar.double())
+    plain = grads_of(single, low, scalar.to(dtype))
+    named = lambda out: [("loss", out[0])] + [(f"grad of input {i}", g) for i, g in enumerate(out[1])] + [
+        ("scale grad", out[2])]
+    for (part, a), (_, p), (_, e) in zip(named((value, grads, scalar_grad)), named(plain), named(exact)):
+        assert_within_torch_error(a, p, e.reshape(a.shape), f"{what} rank {rank}: {part}",
+                                  floor=1e-5 * (1 + e.abs().max().item()))
+    if one_rounding:
+        for i, (g, e) in enumerate(zip(grads, exact[1])):
+            bound = UNIT_ROUNDOFF[dtype] * e.abs() + 1e-4 * e.abs().max()
+            excess = ((g - e).abs() - bound).max().item()
+            assert excess <= 0, f"{what} rank {rank}: grad of input {i} is more than one rounding off ({excess:.3g})"
+
+
+def sixteen_bit(rank, world, sizes, backends):
+    group = dist.group.WORLD
+    x, y, h = global_batch(sizes, 21)
+    logit_scale, temperature = torch.tensor([14.3]), torch.tensor(0.07)
+    for backend, dtype, mode in itertools.product(backends, LOW_PRECISION, ("allgather", "ring")):
+        kw = dict(group=group, backend=backend, mode=mode, grad_reduction="sum")
+        where = f"{backend} {dtype} {mode}"
+        with recorded_messages() as log:
+            check_16bit_case(f"clip {where}", rank, sizes, group, dtype,
+                             lambda a, b, s, kw=kw: xfast.clip_loss(a, b, s, label_smoothing=0.1, **kw),
+                             lambda a, b, s: reference.clip_loss(a, b, s, label_smoothing=0.1),
+                             [x, y], logit_scale, one_rounding=backend == "cpu")
+        check_16bit_case(f"simcse+hard negatives {where}", rank, sizes, group, dtype,
+                         lambda a, b, c, t, kw=kw: xfast.simcse_loss(a, b, c, temperature=t, hard_negative_weight=0.7,
+                                                                     **kw),
+                         lambda a, b, c, t: reference.simcse_loss(a, b, c, temperature=t, hard_negative_weight=0.7),
+                         [x, y, h], temperature, one_rounding=False)
+        # One clip forward + backward on 2 ranks: the tower rows cross the wire once per pass
+        # in 16 bits (2 bytes per entry; the ring's backward block carries its column
+        # logsumexps and gradients as 8 raw bytes per row), half what float32 sends.
+        towers = sorted(t[2][0] * t[2][1] * torch.finfo(t[1]).bits // 8 for t in log
+                        if t[0] == "block" or (t[0] == "gather" and len(t[2]) == 2))
+        if mode == "allgather":
+            expected = [max(sizes) * D * 2]
+        else:
+            expected = sorted([sizes[rank] * D * 2, sizes[rank] * (D * 2 + 8)])
+        assert towers == expected, f"{where}: tower bytes sent {towers}, expected {expected}; log {log}"
+        # Partial sums (column logsumexps, the dY of every rank's rows) travel in float32.
+        partials = [t for t in log if t[0] in ("scatter", "accumulator")]
+        assert any(len(t[2]) == 2 for t in partials), f"{where}: no dY partial sent; log {log}"
+        assert all(t[1] == torch.float32 for t in partials), f"{where}: partials sent as {partials}"
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_16bit_inputs_stay_16bit():
+    backends = ("cpu",) + (("triton",) if importlib.util.find_spec("triton") else ())
+    run_ranks(2, sixteen_bit, (5, 7), backends)
 
 
 @pytest.mark.multiprocess

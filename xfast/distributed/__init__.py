@@ -29,7 +29,9 @@ Mode "allgather" gathers Y once (N x d per rank). Mode "ring" passes the column 
 around the ranks instead (send/recv overlapped with the kernel), the partial column
 logsumexps and, in backward, the dY accumulators travelling behind them, so a rank holds
 at most two blocks (see ring.py). Both are exact; uneven local batch sizes (the last batch
-of an epoch) work in both. Label smoothing adds s x_i . mean(Y), an all-reduce of d-vectors.
+of an epoch) work in both. 16-bit inputs travel and reach the kernels in 16 bits; the kernels
+accumulate in float32 and return float32 dx/dy partials, summed over blocks and ranks in
+float32, rounded to the input dtype once (the logsumexp vectors are float32 throughout). Label smoothing adds s x_i . mean(Y), an all-reduce of d-vectors.
 backend="reference" with a group gathers both towers with gradient and materialises the
 whole N x N (N x 2N) logits on every rank: open_clip's gather_with_grad baseline, kept as
 an oracle and for the benchmark.

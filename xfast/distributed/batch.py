@@ -52,10 +52,6 @@ class LocalBatch:
     def __init__(self, rows: int):
         self.total_rows = rows
 
-    def operands(self, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The tensors as similarity_lse's exchange takes them (the kernels cast by themselves)."""
-        return tensors
-
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of t (with gradient)."""
         return t
@@ -81,10 +77,6 @@ class GroupBatch(LocalBatch):
         self.layout, self.group = layout, layout.group
         self.exchange = GroupExchange(layout, mode)
         self.grad_factor = grad_factor(grad_reduction, layout.world)
-
-    def operands(self, dtype, *tensors):
-        # Blocks travel and gradients are summed over ranks in the accumulation dtype.
-        return tuple(t.to(dtype).contiguous() for t in tensors)
 
     def sum(self, t):
         return AllReduceSum.apply(t, self.group)

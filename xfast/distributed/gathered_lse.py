@@ -3,8 +3,8 @@
 Rank r passes its rows x_r and its column block y_r; the global matrix is
 Z = scale * X Y^T + B with X, Y the concatenations over ranks and B[i, j] = diag_bias where
 column j is entry diag_offset + i of row i's own rank's block. similarity_lse then returns
-row_lse for x_r's rows and col_lse for y_r's columns over *all* ranks' rows. x and y must be
-in the kernel's accumulation dtype.
+row_lse for x_r's rows and col_lse for y_r's columns over *all* ranks' rows. x and y travel
+in their own dtype (16-bit stays 16-bit); backward returns gradients in the accumulation dtype.
 """
 from __future__ import annotations
 

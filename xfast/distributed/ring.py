@@ -11,11 +11,16 @@ Backward is the same walk with the block packed as [y_q | col_lse_q | grad_col_q
 block's dy accumulator travels behind it like the column partials did and arrives complete
 at its owner. Per-rank memory: the local rows, two blocks and two accumulators.
 Uneven block sizes work: every rank knows every size from the agreement check.
+
+Blocks travel in the inputs' dtype (16-bit inputs: half the bytes of float32); the two
+float32 vectors ride in the same message as raw bytes, so they are not rounded. Partial
+logsumexps and dy accumulators travel and are summed in the accumulation dtype.
 """
 from __future__ import annotations
 
 import torch
 
+from xfast.backends import accumulation_dtype
 from xfast.distributed.checks import Layout
 from xfast.distributed.exchange import Ring, RingAccumulator
 
@@ -39,19 +44,29 @@ def forward(kernel, x, y, scale, diag_bias, diag_offset, with_cols, layout: Layo
     return row_lse, col_lse, (col_lse,)
 
 
+def _with_vectors(y: torch.Tensor, *vectors: torch.Tensor) -> torch.Tensor:
+    """[y | the vectors' bytes as y's dtype]: one message per step, the (accumulation-dtype)
+    vectors bit-exact even when y is 16-bit."""
+    return torch.cat([y, torch.stack(vectors, 1).view(y.dtype)], 1)
+
+
 def backward(kernel, x, y, scale, diag_bias, diag_offset, row_lse, state, grad_row, grad_col, layout: Layout):
+    """(dx, dy, dscale share), in the accumulation dtype."""
     ring = Ring(layout.group)
     d = y.shape[1]
+    acc = accumulation_dtype(x)
     with_cols = grad_col is not None
     # The column logsumexps and gradients travel with their block.
-    own = torch.cat([y, state[0][:, None], grad_col[:, None]], 1) if with_cols else y
+    own = _with_vectors(y, state[0].to(acc), grad_col.to(acc)) if with_cols else y
     dx = dscale = None
     dy = RingAccumulator(ring, layout.cols, torch.add)
     for owner, block in ring.blocks(own, layout.cols):
         y_q = block[:, :d].contiguous()
-        col_q, grad_col_q = (block[:, d].contiguous(), block[:, d + 1].contiguous()) if with_cols else (None, None)
+        col_q = grad_col_q = None
+        if with_cols:
+            col_q, grad_col_q = block[:, d:].contiguous().view(acc).unbind(1)
         dx_part, dy_part, ds_part = kernel.backward(x, y_q, scale, *_own_diag(ring, owner, diag_bias, diag_offset),
-                                                    row_lse, col_q, grad_row, grad_col_q)
+                                                    row_lse, col_q, grad_row, grad_col_q, grad_dtype=acc)
         dx = dx_part if dx is None else dx.add_(dx_part)
         dscale = ds_part if dscale is None else dscale + ds_part
         dy.add(owner, dy_part)

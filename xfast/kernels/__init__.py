@@ -4,8 +4,14 @@ Every backend module exposes the same three functions (see xfast/ops/similarity_
 
     unavailable_reason(device) -> None, or why the backend cannot run on that device
     forward(x, y, scale, diag_bias, diag_offset, with_cols) -> (row_lse, col_lse | None)
-    backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col)
+    backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None)
         -> (dx, dy, dscale)
+
+x and y may be bfloat16/float16 (the kernels accumulate in float32), float32 or float64.
+dx and dy come back in grad_dtype, default the input dtype: callers that add them to other
+partial gradients (a ring's blocks, a reduce-scatter over ranks, the positives' term) ask for
+the accumulation dtype and round to the input dtype once at the end. dscale is always in the
+accumulation dtype.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """CPU backend: the tiled C++/OpenMP kernel of csrc/similarity_lse.cpp.
 
-bfloat16 and float16 inputs are computed in float32 (as the Triton backend accumulates),
-float64 in float64; gradients come back in the input dtype.
+bfloat16 and float16 inputs are widened to float32 here and computed in float32 (as the
+Triton backend accumulates), float64 in float64; gradients come back in the input dtype, or in
+grad_dtype (the accumulation dtype, when the caller sums them further).
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols):
     return row_lse, (col_lse if with_cols else None)
 
 
-def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col):
+def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None):
     dt = accumulation_dtype(x)
     as_dt = lambda t: None if t is None else t.to(dt).contiguous()
     dx, dy, dscale = _C.similarity_lse_backward(
         x.detach().to(dt).contiguous(), y.detach().to(dt).contiguous(), float(scale), float(diag_bias), int(diag_offset),
         as_dt(row_lse), as_dt(col_lse), as_dt(grad_row), as_dt(grad_col), BLOCK_ROWS, BLOCK_COLS)
-    return dx.to(x.dtype), dy.to(y.dtype), dscale
+    out = grad_dtype or x.dtype
+    return dx.to(out), dy.to(out), dscale

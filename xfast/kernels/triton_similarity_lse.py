@@ -527,17 +527,19 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols, *, programs=None, fo
     return combine(row_part), (combine(col_part) if with_cols else None)
 
 
-def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col, *, programs=None,
-             force_int64=False):
+def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None,
+             programs=None, force_int64=False):
     _check_pair(x, y, scale)
     if grad_col is not None and col_lse is None:
         raise ValueError("grad_col needs col_lse (run the forward with with_cols=True)")
     x, y = x.detach(), y.detach()
+    acc = accumulation_dtype(x)
+    out = grad_dtype or x.dtype
     if grad_row is None and grad_col is None:
-        return torch.zeros_like(x), torch.zeros_like(y), scale.new_zeros((), dtype=accumulation_dtype(x))
+        return (torch.zeros_like(x, dtype=out), torch.zeros_like(y, dtype=out),
+                scale.new_zeros((), dtype=acc))
     n, d = x.shape
     m = y.shape[0]
-    acc = accumulation_dtype(x)
     plan = plan_for(n, m, d, x.dtype, programs or target_programs(x.device), _capability(x.device))
     b = plan.blocks
     scale_t, bias_t = _device_scalars(x, scale, diag_bias)
@@ -547,7 +549,8 @@ def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, gr
     dummy = row_lse  # stands in for absent vectors; never read (constexpr flags)
     dx_buf = torch.empty((n, d), dtype=acc, device=x.device)
     groups = plan.bwd_row_groups
-    dy = torch.empty((groups, m, d) if groups > 1 else (1, m, d), dtype=acc if groups > 1 else y.dtype,
+    # One row group writes dY straight from its registers in the dtype asked for.
+    dy = torch.empty((groups, m, d) if groups > 1 else (1, m, d), dtype=acc if groups > 1 else out,
                      device=y.device)
     dscale_part = torch.empty((groups, plan.col_blocks), dtype=acc, device=x.device)
     turns = torch.zeros((plan.dv_slices, plan.row_blocks), dtype=torch.int32, device=x.device)
@@ -559,5 +562,5 @@ def backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, gr
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx_buf.stride(0), dy.stride(0), dy.stride(1), groups,
             HAS_BIAS=diag_bias != 0.0, HAS_ROW=grad_row is not None, HAS_COL=grad_col is not None,
             EVEN_DV=d % b.dv == 0, BLOCK_DV=b.dv, BLOCK_DX=b.dx, **_specialisation(x, y, plan, force_int64))
-    dy = dy[0] if groups == 1 else dy.sum(0).to(y.dtype)
-    return dx_buf.to(x.dtype), dy, dscale_part.sum()
+    dy = dy[0] if groups == 1 else dy.sum(0).to(out)
+    return dx_buf.to(out), dy, dscale_part.sum()

@@ -42,13 +42,16 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
     if backend == "reference":
         xa, ya = batch.gather(x.to(acc), y.to(acc))
         return batch.replicated(reference.clip_loss(xa, ya, s, label_smoothing=eps)).reshape(())
-    row_lse, col_lse, target = similarity_lse(*batch.operands(acc, x, y), s, with_cols=True, target_offset=0,
-                                              backend=backend, exchange=batch.exchange)
+    # With label smoothing x and y feed two terms: both take the same float32 copies, so their
+    # gradients are summed in float32 and rounded to a 16-bit input's dtype once (by the
+    # copies' backward); the kernels still get the 16-bit values (the round trip is exact).
+    xa, ya = (x.to(acc), y.to(acc)) if eps else (x, y)
+    row_lse, col_lse, target = similarity_lse(xa, ya, s, with_cols=True, target_offset=0, backend=backend,
+                                              exchange=batch.exchange, operand_dtype=x.dtype)
     target_row = target_col = target
     if eps:
         # Cross-entropy with smoothing eps is lse - (1 - eps) * z_target - eps * mean_j z_j, and
         # the mean logit of row i is s * x_i . mean(Y) over the (global) batch: O(N*d).
-        xa, ya = x.to(acc), y.to(acc)
         means = batch.sum(torch.stack([xa.sum(0), ya.sum(0)])) / batch.total_rows
         target_row = (1 - eps) * target + eps * s * (xa @ means[1])
         target_col = (1 - eps) * target + eps * s * (ya @ means[0])

@@ -20,6 +20,9 @@ def cyclip_loss(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto", grou
     work there is, so both devices use BLAS/cuBLAS ("auto"); "reference" materialises N x N.
     Note: the CyCLIP paper scales these by its logit scale; multiply by lambda1/lambda2 outside.
     group, grad_reduction: as in clip_loss; with a group the Grams are summed over ranks.
+    Precision: the Grams are float32 (float64 for float64 inputs), also for 16-bit inputs:
+    the traces cancel (|Gx|^2 - 2|C|^2 + |Gy|^2 is small when x ~ y), so Grams rounded to 16
+    bits would swamp the result. Only these d x d float32 matrices cross the wire.
     """
     def validate():
         check_backend(backend, GEMM_BACKENDS, op="cyclip_loss")

@@ -48,11 +48,12 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
         hn = columns[1] if len(columns) == 2 else None
         loss = reference.simcse_loss(z1, columns[0], hn, temperature=tau, hard_negative_weight=weight)
         return batch.replicated(loss).reshape(())
-    # Cosine similarity: rows normalised into one buffer each (no per-input copies). On one
-    # process 16-bit embeddings stay 16-bit (the kernels accumulate in fp32).
-    rows_dtype = z1.dtype if group is None else acc
-    anchors, block = unit_rows(z1, dtype=rows_dtype), unit_rows(*columns, dtype=rows_dtype)
+    # Cosine similarity: rows normalised into one buffer each (no per-input copies), in the
+    # accumulation dtype. 16-bit embeddings reach the kernels (and the wire) as their unit rows
+    # rounded once to 16 bits; the gradients stay float32 until unit_rows' backward rounds them.
+    anchors, block = unit_rows(z1, dtype=acc), unit_rows(*columns, dtype=acc)
     # In a rank's own block [positives | hard negatives], anchor i's hard negative is entry n + i.
     row_lse, _, target = similarity_lse(anchors, block, 1 / tau, diag_bias=weight, diag_offset=z1.shape[0],
-                                        with_cols=False, target_offset=0, backend=backend, exchange=batch.exchange)
+                                        with_cols=False, target_offset=0, backend=backend, exchange=batch.exchange,
+                                        operand_dtype=z1.dtype)
     return batch.reduce((row_lse - target).sum() / batch.total_rows)

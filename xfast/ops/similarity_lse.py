@@ -9,11 +9,18 @@ B[i, diag_offset + i] = diag_bias, returns
 without storing Z. InfoNCE in both directions, SimCSE with weighted hard negatives and label
 smoothing are these two vectors plus O(N*d) terms (see clip_loss.py, simcse_loss.py).
 Gradients flow to x, y and s; a backend kernel only ever needs the saved logsumexps.
+
+Precision: x and y reach the kernels (and, with a process group, the wire) in their own
+dtype, 16-bit included; the kernels accumulate in float32 (float64 for float64). The
+exchanges ask the kernels for dx/dy in that accumulation dtype, sum the partial gradients
+over column blocks and ranks in it, add the positives' term, and the result is rounded to the
+input dtype once, at the end of backward.
 """
 from __future__ import annotations
 
 import torch
 
+from xfast.backends import accumulation_dtype
 from xfast.kernels import kernel_for
 
 
@@ -34,8 +41,9 @@ class LocalExchange:
 
     @staticmethod
     def backward(kernel, x, y, scale, diag_bias, diag_offset, row_lse, state, grad_row, grad_col):
-        """(dx, dy, dscale)."""
-        return kernel.backward(x, y, scale, diag_bias, diag_offset, row_lse, state[0], grad_row, grad_col)
+        """(dx, dy, dscale), all in the accumulation dtype."""
+        return kernel.backward(x, y, scale, diag_bias, diag_offset, row_lse, state[0], grad_row, grad_col,
+                               grad_dtype=accumulation_dtype(x))
 
 
 LOCAL = LocalExchange()
@@ -43,10 +51,11 @@ LOCAL = LocalExchange()
 
 class SimilarityLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, scale, diag_bias, diag_offset, with_cols, target_offset, kernel, exchange):
+    def forward(ctx, x, y, scale, diag_bias, diag_offset, with_cols, target_offset, kernel, exchange, operand_dtype):
         ctx.set_materialize_grads(False)
-        row_lse, col_lse, state = exchange.forward(kernel, x.detach(), y.detach(), scale.detach(), diag_bias,
-                                                   diag_offset, with_cols)
+        ctx.grad_dtypes = (x.dtype, y.dtype)
+        x, y = x.detach().to(operand_dtype), y.detach().to(operand_dtype)  # no copy when already so
+        row_lse, col_lse, state = exchange.forward(kernel, x, y, scale.detach(), diag_bias, diag_offset, with_cols)
         target_dot = None
         if target_offset is not None:
             # <x_i, y_{offset+i}> as a batched dot: no N x d temporary.
@@ -69,10 +78,11 @@ class SimilarityLSE(torch.autograd.Function):
             grad_row = row_lse.new_zeros(row_lse.shape) if grad_row is None else grad_row
             if with_cols and grad_col is None:
                 grad_col = row_lse.new_zeros(y.shape[0])
+        acc = row_lse.dtype
         if grad_row is None and grad_col is None:
             if grad_target is None:
-                return (None,) * 9
-            dx, dy, dscale = torch.zeros_like(x), torch.zeros_like(y), scale.new_zeros(())
+                return (None,) * 10
+            dx, dy, dscale = torch.zeros_like(x, dtype=acc), torch.zeros_like(y, dtype=acc), scale.new_zeros((), dtype=acc)
         else:
             contiguous = lambda t: None if t is None else t.contiguous()
             dx, dy, dscale = exchange.backward(kernel, x, y, scale.detach(), diag_bias, diag_offset, row_lse,
@@ -80,17 +90,18 @@ class SimilarityLSE(torch.autograd.Function):
         if grad_target is not None:
             # d(s <x_i, y_{o+i}>): added in place so no N x d temporaries appear.
             n, s = x.shape[0], scale.detach()
-            g = (grad_target * s).unsqueeze(1).to(dx.dtype)
+            g = (grad_target * s).unsqueeze(1).to(acc)
             dx.addcmul_(y.narrow(0, target_offset, n), g)
             dy.narrow(0, target_offset, n).addcmul_(x, g)
             dscale = dscale + (grad_target * target_dot).sum()
         dscale = dscale.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dy, dscale, None, None, None, None, None, None
+        # The one rounding of the gradients to the input dtype.
+        return dx.to(ctx.grad_dtypes[0]), dy.to(ctx.grad_dtypes[1]), dscale, *(None,) * 7
 
 
 def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, diag_bias: float = 0.0,
                    diag_offset: int = 0, with_cols: bool = True, target_offset: int | None = None,
-                   backend: str = "auto", exchange=None):
+                   backend: str = "auto", exchange=None, operand_dtype: torch.dtype | None = None):
     """(row_lse, col_lse or None) of scale * x @ y.T + diagonal bias; see the module docstring.
 
     With target_offset=o, also returns target[i] = scale * <x_i, y_{o+i}> (the logit of each
@@ -101,10 +112,15 @@ def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, dia
     exchange: None (the whole matrix is here), or a process group's exchange
     (xfast.distributed.gathered_lse), where x holds this rank's rows, y its column block, the
     diagonal and the target are within that block, and col_lse covers every rank's rows.
+    operand_dtype: what the kernels (and the wire) get, default x's dtype. A loss that also
+    uses float32 copies of 16-bit inputs elsewhere passes those copies with operand_dtype set
+    to the 16-bit dtype: the kernels see 16 bits, the gradients stay float32 until the copies'
+    backward rounds their sum once.
     """
     kernel = kernel_for(backend, x.device)
     if target_offset is not None and not 0 <= target_offset <= y.shape[0] - x.shape[0]:
         raise ValueError(f"target_offset {target_offset} leaves no column for every row of x")
     row_lse, col_lse, target = SimilarityLSE.apply(
-        x, y, scale, float(diag_bias), int(diag_offset), bool(with_cols), target_offset, kernel, exchange or LOCAL)
+        x, y, scale, float(diag_bias), int(diag_offset), bool(with_cols), target_offset, kernel, exchange or LOCAL,
+        operand_dtype or x.dtype)
     return (row_lse, col_lse) if target_offset is None else (row_lse, col_lse, target)
