@@ -88,6 +88,11 @@ def three_ranks(rank, world):
             scores, index = similarity_topk(local_queries, local_keys, 6, group=dist.group.WORLD, block=block,
                                             mode=mode)
             assert torch.equal(scores, want_scores) and torch.equal(index, want_index), (rank, mode, block)
+        # bf16 keys (the small integers are exact in 8 bits) travel as bf16; scores in float32.
+        scores, index = similarity_topk(local_queries.bfloat16(), local_keys.bfloat16(), 6, group=dist.group.WORLD,
+                                        mode=mode)
+        assert scores.dtype == torch.float32, (rank, mode)
+        assert torch.equal(scores.double(), want_scores) and torch.equal(index, want_index), (rank, mode, "bf16")
     with pytest.raises(ValueError, match=r"k=14 is larger than the number of keys over all ranks \(13"):
         similarity_topk(local_queries, local_keys, 14, group=dist.group.WORLD)
     with pytest.raises(ValueError, match="mode must be the same on every rank"):

@@ -62,7 +62,7 @@ class RunningTopK:
         if self.queries.shape[0] == 0:
             return
         for k0 in range(0, keys.shape[0], self.block):
-            kb = keys[k0:k0 + self.block]
+            kb = keys[k0:k0 + self.block].to(self.queries.dtype)  # 16-bit keys widened one block at a time
             take = min(self.k, kb.shape[0])
             new_scores, new_index = [], []
             for q0 in range(0, self.queries.shape[0], self.block):
@@ -85,6 +85,7 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, group=
     when group is given), sorted best first, ties by lower index. block: queries and keys
     per score tile (memory block**2 scores). With group, mode "allgather" gathers all keys
     on every rank; "ring" passes the key shards around the ranks so each holds at most two.
+    Keys travel in their own dtype (16-bit keys as 16 bits) and are widened block by block.
     A rank may have no queries, or no keys, as long as the keys of all ranks number >= k.
     """
     if group is None:
@@ -93,7 +94,7 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, group=
             raise ValueError(f"k={k} is larger than the number of keys ({keys.shape[0]})")
         acc = accumulation_dtype(queries)
         top = RunningTopK(queries.to(acc), k, block)
-        top.add(keys.to(acc), 0)
+        top.add(keys, 0)
         return top.scores, top.index
 
     def describe():
@@ -108,7 +109,7 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, group=
                          + ")")
     acc = accumulation_dtype(queries)
     top = RunningTopK(queries.to(acc), k, block)
-    keys = keys.to(acc).contiguous()
+    keys = keys.contiguous()  # 16-bit keys travel in 16 bits
     if mode == "allgather":
         top.add(gather_rows(keys, layout.cols, group), 0)
         return top.scores, top.index
