@@ -299,23 +299,36 @@ def test_no_host_sync_on_cuda():
 
 # Triton's real compiler (with its bundled ptxas) needs no GPU: tests/triton_compile_report.py
 # compiles every kernel variant for Ampere and Hopper as the JIT specialises full tiles, and
-# runs ptxas -v on the PTX.
+# runs ptxas -v on the PTX. One process per arch compiles every case; both archs compile at
+# the same time (ptxas is single-threaded, the imports cost seconds per process).
 COMPILE_CASES = [("bf16", 512), ("bf16", 1024), ("fp16", 128), ("tf32", 512), ("fp32", 512), ("fp64", 128)]
+COMPILE_ARCHS = (80, 90)
 
 
-@pytest.mark.slow  # ~12 compiles per arch: minutes on 2 cores
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_without_spills_on_tensor_cores(arch):
+@pytest.fixture(scope="module")
+def compiles():
+    """arch -> the report script's process, started for every arch at once on first use."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = os.path.join(os.path.dirname(__file__), "triton_compile_report.py")
-    reports = []
-    for dtype, d in COMPILE_CASES:
-        done = subprocess.run([sys.executable, script, "--arch", str(arch), "--dtype", dtype, "--d", str(d)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        reports += [json.loads(line) for line in done.stdout.splitlines()]
+    cases = [f"{dtype}:{d}" for dtype, d in COMPILE_CASES]
+    processes = {arch: subprocess.Popen([sys.executable, script, "--arch", str(arch), "--case", *cases], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for arch in COMPILE_ARCHS}
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.slow  # ~12 compiles per arch: about a minute on 2 cores
+@pytest.mark.parametrize("arch", COMPILE_ARCHS)
+def test_kernels_compile_without_spills_on_tensor_cores(arch, compiles):
+    stdout, stderr = compiles[arch].communicate(timeout=900)
+    assert compiles[arch].returncode == 0, stderr[-3000:]
+    reports = [json.loads(line) for line in stdout.splitlines()]
     assert len(reports) == 2 * len(COMPILE_CASES)
     for r in reports:
         where = f"sm_{arch} {r['dtype']} d={r['d']} {r['kernel']}"

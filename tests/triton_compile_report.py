@@ -3,6 +3,7 @@
 Run without TRITON_INTERPRET (tests/test_triton_similarity_lse.py does, in a subprocess):
 
     python tests/triton_compile_report.py [--arch 80 90] [--dtype bf16 fp32 ...] [--d 128 512 1024]
+    python tests/triton_compile_report.py --arch 90 --case bf16:512 fp64:128   # chosen pairs only
 
 Every kernel variant the wrappers launch for full tiles (sizes divisible by the blocks, as in
 training) is compiled with the specialisation Triton's JIT applies to such arguments: 16-byte
@@ -96,24 +97,33 @@ def variants(dtype: torch.dtype, d: int, tf32: bool, arch: int = 90):
                                                          BLOCK_DV=b.dv, BLOCK_DX=b.dx), b
 
 
+def case(text: str) -> tuple[str, int]:
+    name, _, d = text.partition(":")
+    if name not in DTYPES or not d.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DTYPE:D with DTYPE one of {', '.join(DTYPES)}")
+    return name, int(d)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="input dtypes; tf32 is float32 with TF32 dots allowed (default: all)")
     parser.add_argument("--d", type=int, nargs="+", default=[128, 512, 1024], help="embedding sizes")
+    parser.add_argument("--case", nargs="+", type=case, metavar="DTYPE:D",
+                        help="(dtype, d) pairs to compile instead of every --dtype x --d combination")
     args = parser.parse_args(argv)
+    cases = args.case or [(name, d) for name in args.dtype for d in args.d]
     for arch in args.arch:
-        for name in args.dtype:
-            for d in args.d:
-                for kernel_name, fn, ptrs, consts, b in variants(DTYPES[name], d, tf32=name == "tf32", arch=arch):
-                    compiled, log = build(fn, ptrs, consts, b.num_warps, b.num_stages, arch)
-                    ptx = compiled.asm["ptx"]
-                    report = dict(arch=arch, dtype=name, d=d, kernel=kernel_name, blocks=vars(b),
-                                  shared=compiled.metadata.shared, mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-                                  wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), **dot_lowering(compiled.asm["ttgir"]),
-                                  **ptxas_usage(log))
-                    print(json.dumps(report), flush=True)
+        for name, d in cases:
+            for kernel_name, fn, ptrs, consts, b in variants(DTYPES[name], d, tf32=name == "tf32", arch=arch):
+                compiled, log = build(fn, ptrs, consts, b.num_warps, b.num_stages, arch)
+                ptx = compiled.asm["ptx"]
+                report = dict(arch=arch, dtype=name, d=d, kernel=kernel_name, blocks=vars(b),
+                              shared=compiled.metadata.shared, mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                              wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), **dot_lowering(compiled.asm["ttgir"]),
+                              **ptxas_usage(log))
+                print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
