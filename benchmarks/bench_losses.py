@@ -23,7 +23,9 @@ fresh process (it includes the N x d gradients).
     python benchmarks/bench_losses.py --sizes 8192 16384 --dims 64 512 --methods xfast tiled_floor --save
 
 Results go to --out (default: a temp folder); only --save overwrites the committed
-benchmarks/results/losses.{json,csv,png}.
+benchmarks/results/losses.{json,csv,png}. --merge keeps the cells of the existing results
+that this run does not measure, so a long table can be measured in several invocations
+(each run's command, load average and sgemm peak are kept with its rows).
 """
 from __future__ import annotations
 
@@ -194,7 +196,7 @@ def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: 
     return rows
 
 
-def table(rows: list[dict], peak: dict) -> str:
+def table(rows: list[dict], runs: list[dict]) -> str:
     lines = ["| loss | N | d | method | time (s) | x tiled floor | CPU time (s) | x tiled floor (CPU) | GFLOP/s | extra MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -206,7 +208,12 @@ def table(rows: list[dict], peak: dict) -> str:
         mb = f"{r['extra_mb']:.0f}" if "extra_mb" in r else "-"
         lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {ratio} "
                      f"| {r['cpu_seconds']:.2f} | {cpu_ratio} | {r['gflops']:.0f} | {mb} |")
-    lines.append(f"\nmachine sgemm peak (cache-resident, {peak['shape']}): {peak['gflops']:.0f} GFLOP/s")
+    lines.append("")
+    for i, run in enumerate(runs):
+        if any(r.get("run") == i for r in rows):
+            peak, meta = run["peak"], run["meta"]
+            lines.append(f"run {i}: `{meta['command']}`, load average {meta.get('load_average_1min', '?')}, "
+                         f"sgemm peak (cache-resident, {peak['shape']}) {peak['gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
 
@@ -243,6 +250,8 @@ def main(argv=None) -> int:
                         help="skip the peak-memory subprocesses (one extra step per method)")
     parser.add_argument("--out", help="output path prefix for .json/.csv/.png (default: a temp folder)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/losses.* (the committed results)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing results' cells (loss, N, d) that this run does not measure")
     parser.add_argument("--time-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -258,11 +267,20 @@ def main(argv=None) -> int:
         parser.error("--save writes benchmarks/results/losses.*; leave out --out")
     out = RESULTS / "losses" if args.save else Path(args.out or Path(tempfile.gettempdir()) / "xfast-bench" / "losses")
 
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
     meta = {"command": " ".join(["python", "benchmarks/bench_losses.py", *(argv if argv is not None else sys.argv[1:])]),
-            **machine()}
+            "load_average_1min": load, **machine()}
     peak = peak_gflops()
-    print(f"{meta['cpu']}, {meta['threads']} threads, tile kernels: {meta['tile_isa']}; "
+    print(f"{meta['cpu']}, {meta['threads']} threads, tile kernels: {meta['tile_isa']}; load average {load:.2f}; "
           f"sgemm peak {peak['gflops']:.0f} GFLOP/s ({peak['shape']})", flush=True)
+    runs, kept = [], []
+    if args.merge and out.with_suffix(".json").exists():
+        runs, kept = previous_results(out.with_suffix(".json"))
+        measured = {(loss, n, d) for loss in args.losses for n in args.sizes for d in args.dims}
+        kept = [r for r in kept if (r["loss"], r["N"], r["d"]) not in measured]
+    run = len(runs)
+    runs.append({"meta": meta, "peak": peak})
     rows = []
     # Smallest work first; results are rewritten after each cell, so a long run that is
     # stopped keeps what it measured.
@@ -270,24 +288,33 @@ def main(argv=None) -> int:
         for d in args.dims:
             for loss in args.losses:
                 for row in measure(loss, n, d, args.methods, args.repeat, args.memory):
+                    row["run"] = run
                     rows.append(row)
                     status = row.get("error") or f"{row['seconds']:.3f} s, {row['gflops']:.0f} GFLOP/s" + (
                         f", {row['x_tiled_floor']:.2f}x tiled floor ({row['cpu_x_tiled_floor']:.2f}x in CPU time)"
                         if "x_tiled_floor" in row else "")
                     print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
-                write(out, meta, peak, rows)
+                write(out, runs, kept + rows)
     print()
-    print(table(rows, peak))
+    print(table(kept + rows, runs))
     print(f"\nwritten: {out.with_suffix('.json')}, .csv, .png")
     return 0
 
 
-def write(out: Path, meta: dict, peak: dict, rows: list[dict]) -> None:
+def previous_results(path: Path) -> tuple[list[dict], list[dict]]:
+    """Runs and rows of an existing results file (also the older one-run format)."""
+    data = json.loads(path.read_text())
+    if "runs" in data:
+        return data["runs"], data["rows"]
+    return [{"meta": data["meta"], "peak": data["peak"]}], [dict(r, run=0) for r in data["rows"]]
+
+
+def write(out: Path, runs: list[dict], rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "peak": peak, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
     with out.with_suffix(".csv").open("w", newline="") as f:
         keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "cpu_seconds", "cpu_x_tiled_floor",
-                "gflops", "extra_mb", "error"]
+                "gflops", "extra_mb", "error", "run"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -61,8 +61,8 @@ inline void merge_lse(T& m, T& l, T m_new, T l_new) {
 }
 
 template <typename T>
-inline void forward_tile(T* z, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, T* row_m,
-                         T* row_l, T* col_m, T* col_l, T* scratch) {
+inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, T* row_m, T* row_l,
+                         T* col_m, T* col_l, T* scratch) {
   const bool with_cols = col_m != nullptr;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T* col_max = scratch;
@@ -73,21 +73,30 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T scale, T diag_bias,
   T ref = neg_inf, lowest = std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     T* zr = z + r * cols;
-    T m = neg_inf;
-    // scale * s exactly as the backward recomputes it: its exp(z - lse) must see the same z.
-#pragma omp simd reduction(max : m)
-    for (int64_t c = 0; c < cols; ++c) {
-      zr[c] *= scale;
-      m = std::max(m, zr[c]);
-    }
     const int64_t dc = diag_col0 + r;
-    if (diag_bias != T(0) && dc >= 0 && dc < cols) {
+    const bool biased = diag_bias != T(0) && dc >= 0 && dc < cols;
+    const T col_max_before = biased && with_cols ? col_max[dc] : T(0);
+    T m = neg_inf;
+    // Row and column maxima in one read of the row; the biased element is redone below.
+    // A ternary, not std::max, for the column: gcc 12 leaves this loop scalar when std::max
+    // takes the array element (the disassembly test counts its packed maxima).
+    if (with_cols) {
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 0; c < cols; ++c) {
+        const T v = zr[c];
+        m = std::max(m, v);
+        col_max[c] = col_max[c] > v ? col_max[c] : v;
+      }
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, zr[c]);
+    }
+    if (biased) {
+      // The row max may keep the unbiased value (an upper bound is a valid shift); the
+      // column max is redone exactly from its value before this row.
       zr[dc] += diag_bias;
       m = std::max(m, zr[dc]);
-    }
-    if (with_cols) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) col_max[c] = std::max(col_max[c], zr[c]);
+      if (with_cols) col_max[dc] = std::max(col_max_before, zr[dc]);
     }
     row_max[r] = m;
     ref = std::max(ref, m);
@@ -134,7 +143,7 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T scale, T diag_bias,
 }
 
 template <typename T>
-inline T backward_tile(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, const T* row_lse,
+inline T backward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, const T* row_lse,
                        const T* col_lse, const T* g_row, const T* g_col, T* scratch) {
   T ref = -std::numeric_limits<T>::infinity();
   T lowest = std::numeric_limits<T>::infinity();
@@ -148,13 +157,9 @@ inline T backward_tile(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, i
     for (int64_t c = 0; c < cols; ++c) col_weight[c] = g_col[c] / exp_nonpos(col_lse[c] - ref);
   }
 
-  T dz = 0;  // sum(D * Z) without the bias; sum(D * s) = dz / scale
+  T dz = 0;  // sum(D * Z) without the bias
   for (int64_t r = 0; r < rows; ++r) {
-    T* zr = s + r * cols;
-    // Z rounded exactly as the forward rounded it (a separate loop, so the compiler cannot fuse
-    // the product into the exp's argument): exp(Z - lse) then sees the Z its lse summed.
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) zr[c] *= scale;
+    T* zr = z + r * cols;
     const int64_t dc = diag_col0 + r;
     const bool biased = diag_bias != T(0) && dc >= 0 && dc < cols;
     const T z_diag = biased ? zr[dc] : T(0);
@@ -202,7 +207,7 @@ inline T backward_tile(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, i
     }
     dz += acc;
   }
-  return dz / scale;
+  return dz;
 }
 
 // One set of entry points per instruction set. `flatten` inlines the templates above into
@@ -210,15 +215,14 @@ inline T backward_tile(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, i
 // them easy to find in the built extension's disassembly.
 #define XFAST_TILE_VARIANT(SUFFIX, ...)                                                                        \
   extern "C" __attribute__((__VA_ARGS__)) void xfast_forward_tile_f32_##SUFFIX(                          \
-      float* z, int64_t rows, int64_t cols, float scale, float diag_bias, int64_t diag_col0, float* row_m,        \
-      float* row_l, float* col_m, float* col_l, float* scratch) {                                                \
-    forward_tile<float>(z, rows, cols, scale, diag_bias, diag_col0, row_m, row_l, col_m, col_l, scratch);       \
+      float* z, int64_t rows, int64_t cols, float diag_bias, int64_t diag_col0, float* row_m, float* row_l,       \
+      float* col_m, float* col_l, float* scratch) {                                                              \
+    forward_tile<float>(z, rows, cols, diag_bias, diag_col0, row_m, row_l, col_m, col_l, scratch);              \
   }                                                                                                              \
   extern "C" __attribute__((__VA_ARGS__)) float xfast_backward_tile_f32_##SUFFIX(                        \
-      float* s, int64_t rows, int64_t cols, float scale, float diag_bias, int64_t diag_col0,                     \
-      const float* row_lse, const float* col_lse, const float* g_row, const float* g_col, float* scratch) {     \
-    return backward_tile<float>(s, rows, cols, scale, diag_bias, diag_col0, row_lse, col_lse, g_row, g_col,     \
-                                scratch);                                                                        \
+      float* z, int64_t rows, int64_t cols, float diag_bias, int64_t diag_col0, const float* row_lse,            \
+      const float* col_lse, const float* g_row, const float* g_col, float* scratch) {                           \
+    return backward_tile<float>(z, rows, cols, diag_bias, diag_col0, row_lse, col_lse, g_row, g_col, scratch);  \
   }                                                                                                              \
   const TileKernels<float> kTiles_##SUFFIX{xfast_forward_tile_f32_##SUFFIX, xfast_backward_tile_f32_##SUFFIX};
 

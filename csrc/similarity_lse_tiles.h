@@ -14,17 +14,18 @@ namespace xfast {
 
 template <typename T>
 struct TileKernels {
-  // z: a rows x cols tile of raw dot products X Y^T, turned in place into Z (times scale, plus
-  // diag_bias at (r, diag_col0 + r)) and folded into the running row (row_m, row_l) and column
-  // (col_m, col_l) logsumexp accumulators: (m, l) stands for m + log(l), l == 0 for an empty
-  // sum. col_m == nullptr skips the columns. scratch: 2 * cols + rows values.
-  void (*forward)(T* z, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, T* row_m,
-                  T* row_l, T* col_m, T* col_l, T* scratch);
-  // s: a rows x cols tile of raw dot products X Y^T, overwritten in place with
-  // D = dL/dZ = g_row * exp(Z - row_lse) + g_col * exp(Z - col_lse); either term may be absent
-  // (nullptr). Returns sum(D * s), the tile's share of dL/dscale. scratch: cols values.
-  T (*backward)(T* s, int64_t rows, int64_t cols, T scale, T diag_bias, int64_t diag_col0, const T* row_lse,
-                const T* col_lse, const T* g_row, const T* g_col, T* scratch);
+  // z: a rows x cols tile of Z without its bias (scale * X Y^T, as the GEMM wrote it), given
+  // diag_bias at (r, diag_col0 + r) in place and folded into the running row (row_m, row_l)
+  // and column (col_m, col_l) logsumexp accumulators: (m, l) stands for m + log(l), l == 0
+  // for an empty sum. col_m == nullptr skips the columns. scratch: 2 * cols + rows values.
+  void (*forward)(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, T* row_m, T* row_l, T* col_m,
+                  T* col_l, T* scratch);
+  // z: the same tile of Z without its bias, bitwise as the forward saw it (the same GEMM call),
+  // overwritten in place with D = dL/dZ = g_row * exp(Z - row_lse) + g_col * exp(Z - col_lse);
+  // either term may be absent (nullptr). Returns sum(D * (Z - B)), which is scale times the
+  // tile's share of dL/dscale. scratch: cols values.
+  T (*backward)(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, const T* row_lse, const T* col_lse,
+                const T* g_row, const T* g_col, T* scratch);
 };
 
 // The variant in use: "avx512", "avx2_fma" or "baseline" (float32; float64 is always baseline).
