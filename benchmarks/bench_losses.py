@@ -279,6 +279,9 @@ def main(argv=None) -> int:
         runs, kept = previous_results(out.with_suffix(".json"))
         measured = {(loss, n, d) for loss in args.losses for n in args.sizes for d in args.dims}
         kept = [r for r in kept if (r["loss"], r["N"], r["d"]) not in measured]
+        used = sorted({r["run"] for r in kept})  # runs whose cells were all measured again go
+        runs = [runs[i] for i in used]
+        kept = [dict(r, run=used.index(r["run"])) for r in kept]
     run = len(runs)
     runs.append({"meta": meta, "peak": peak})
     rows = []

@@ -145,9 +145,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
   const T scale = static_cast<T>(scale_d), bias = static_cast<T>(bias_d);
   const auto& kernels = tile_kernels<T>();
   const bool has_row = g_row.defined(), has_col = g_col.defined();
-  // dY is accumulated transposed, dY^T += X_blk^T D: the large operand D then enters the GEMM
-  // untransposed (D^T X_blk packs D transposed and ran ~15% slower at d = 64).
-  at::Tensor dx = at::zeros_like(x), dy_t = at::zeros({y.size(1), y.size(0)}, y.options());
+  // At small d, dY is accumulated transposed, dY^T += X_blk^T D: D then enters the GEMM
+  // untransposed (D^T X_blk packs the large D transposed and ran ~15% slower at d = 64, only
+  // a few % at d = 512, where the whole loss ran slower with the transposed layout). Its rows
+  // are padded by one cache line so that a power-of-two M does not put them all in the same
+  // cache sets.
+  const bool dy_transposed = x.size(1) <= 128;
+  const int64_t dy_t_ld = y.size(0) + 64 / static_cast<int64_t>(sizeof(T));
+  at::Tensor dx = at::zeros_like(x);
+  at::Tensor dy = dy_transposed ? at::Tensor() : at::zeros_like(y);
+  at::Tensor dy_t = dy_transposed ? at::zeros({y.size(1), dy_t_ld}, y.options()).narrow(1, 0, y.size(0)) : at::Tensor();
   std::vector<double> ds_cell(p.groups * p.groups, 0.0);
   const Scratch scratch(p, x.options());
   for_each_cell(p, [&](int64_t r, int64_t c) {
@@ -160,13 +167,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
           has_col ? col_lse.data_ptr<T>() + c0 : nullptr, has_row ? g_row.data_ptr<T>() + r0 : nullptr,
           has_col ? g_col.data_ptr<T>() + c0 : nullptr, scratch.values[r].data_ptr<T>());
       dx.narrow(0, r0, rows).addmm_(d, yc, 1, scale);
-      dy_t.narrow(1, c0, cols).addmm_(xb.t(), d, 1, scale);
+      if (dy_transposed)
+        dy_t.narrow(1, c0, cols).addmm_(xb.t(), d, 1, scale);
+      else
+        dy.narrow(0, c0, cols).addmm_(d.t(), xb, 1, scale);
     });
   });
   double ds = 0;  // sum(D * S) = sum(D * (Z - B)) / scale
   for (double v : ds_cell) ds += v;
   ds /= scale_d;
-  return {dx, dy_t.t().contiguous(), at::full({}, ds, x.options())};
+  return {dx, dy_transposed ? dy_t.t().contiguous() : dy, at::full({}, ds, x.options())};
 }
 
 // The kernel's GEMMs and nothing else: gemms_per_tile products X_blk @ Y_tile^T into each
