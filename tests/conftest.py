@@ -6,6 +6,8 @@ Helper modules hold plain functions and are imported as `from tests.<module> imp
   tests/dist_utils.py     run_ranks: a gloo process group of spawned ranks
   tests/data_fixtures.py  small media, shards and a word-level tokenizer made on the fly
   tests/model_cases.py    tiny towers, models, batches and a trained WordPiece tokenizer
+  tests/forkserver.py     single-process `python -m xfast.train` runs forked from a process
+                          that imported the training stack once (the `launcher` fixture)
 Fixtures used by several files live here. Markers (registered in setup.cfg): `slow` and
 `multiprocess`; `make test-fast` runs -m "not slow and not multiprocess".
 """
@@ -30,3 +32,19 @@ def tokenizer():
 def tok(tmp_path_factory):
     """Folder of a tiny WordPiece tokenizer trained on model_cases.CAPTIONS, for the model tests."""
     return model_cases.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+# What a single-process training run imports: forked children of the launcher start with it.
+TRAINING_STACK = ["xfast.training.trainer", "xfast.models.io", "xfast.training.demo", "safetensors.torch",
+                  "transformers.models.bert.modeling_bert", "transformers.models.vit.modeling_vit",
+                  "deepspeed.runtime.zero.muon.muon_optimizer"]
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    """A fork server for `python -m xfast.train` runs (tests/forkserver.py), started once."""
+    from tests.forkserver import ForkServer
+    from tests.test_train_run import clean_env
+    server = ForkServer(TRAINING_STACK, env=clean_env())
+    yield server
+    server.close()

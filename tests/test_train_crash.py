@@ -4,7 +4,8 @@ by the same command; its final weights and metrics must equal an uninterrupted r
 bit (train.deterministic, CPU), with one metrics row per step and nothing temporary left.
 
 The kills come from the XFAST_FAULT hook (xfast.training.faults), so they land at the same
-point on every machine.
+point on every machine. Single-process runs are `python -m xfast.train` forked from the
+`launcher` (tests/forkserver.py); the 2-rank run goes through the deepspeed launcher.
 """
 import json
 import signal
@@ -14,18 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_run import TRAIN_PY, VENV_BIN, clean_env, final_weights, tiny_config, train_command
+from tests.test_train_run import TRAIN_PY, VENV_BIN, clean_env, final_weights, tiny_config, train_args
 from xfast.distributed.rendezvous import free_port
 from xfast.training import demo_data
 
 VOLATILE = ("samples_per_s", "data_wait_share")  # wall-clock measurements
 
 
-def run_with_fault(command, cwd: Path, fault: str | None, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = clean_env()
-    if fault:
-        env["XFAST_FAULT"] = fault
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def fault_env(fault: str | None) -> dict:
+    return dict(clean_env(), **({"XFAST_FAULT": fault} if fault else {}))
+
+
+def run_with_fault(launcher, args, cwd: Path, fault: str | None, timeout: int = 400) -> subprocess.CompletedProcess:
+    """`python -m xfast.train ARGS` (forked from the launcher) with XFAST_FAULT=fault."""
+    return launcher.run("xfast.train", args, cwd=cwd, env=fault_env(fault), timeout=timeout)
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -51,14 +54,14 @@ def crash_config(data: Path, num_workers: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_stopped_and_killed_run_resumes_to_the_uninterrupted_result(data, num_workers):
+def test_stopped_and_killed_run_resumes_to_the_uninterrupted_result(data, num_workers, launcher):
     cfg_path = data / f"crash_{num_workers}.json"
     cfg_path.write_text(json.dumps(crash_config(data, num_workers)))
     reference, resumed = data / f"reference_{num_workers}", data / f"resumed_{num_workers}"
-    done = run_with_fault(train_command(cfg_path, f"output_dir={reference}"), data, None)
+    done = run_with_fault(launcher, train_args(cfg_path, f"output_dir={reference}"), data, None)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    command = train_command(cfg_path, f"output_dir={resumed}")
+    args = train_args(cfg_path, f"output_dir={resumed}")
     checkpoints = resumed / "checkpoints"
     # (fault, what the interrupted run must have left): saves happen at steps 3, 6 and 8.
     interruptions = [
@@ -69,7 +72,7 @@ def test_stopped_and_killed_run_resumes_to_the_uninterrupted_result(data, num_wo
         ("export.written@8", "step_00000008"),   # killed inside the fp32 export
     ]
     for fault, left in interruptions:
-        result = run_with_fault(command, data, fault)
+        result = run_with_fault(launcher, args, data, fault)
         if left == "stopped":
             assert result.returncode == 0, result.stderr[-4000:]
             assert "rank 0: stop signal (SIGTERM): stopped after step 2, checkpoint step_00000002" in result.stderr
@@ -80,7 +83,7 @@ def test_stopped_and_killed_run_resumes_to_the_uninterrupted_result(data, num_wo
         assert not (resumed / "final").exists(), fault
     assert (checkpoints / "step_00000006").is_dir()  # renamed before the kill: the next start re-points to it
 
-    final = run_with_fault(command, data, None)
+    final = run_with_fault(launcher, args, data, None)
     assert final.returncode == 0, final.stderr[-4000:]
     assert "re-pointed" not in final.stderr  # the earlier restarts repaired `latest`
 
@@ -109,7 +112,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(data):
     output = data / "two_ranks"
     command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
                "--cfg", str(cfg_path), "--set", f"output_dir={output}"]
-    result = run_with_fault(command, data, "train.step@2:TERM/1")
+    result = subprocess.run(command, cwd=data, env=fault_env("train.step@2:TERM/1"), capture_output=True, text=True,
+                            timeout=400)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     for rank in (0, 1):

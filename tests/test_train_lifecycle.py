@@ -452,7 +452,7 @@ def test_checkpoint_step_reads_the_latest_pointer(tmp_path):
 # 1 + 2 end to end: a real run, extended, then another config refused in its folder -----------------
 
 @pytest.mark.slow
-def test_real_run_extended_trains_on_and_another_config_is_refused(tmp_path, demo_root):
+def test_real_run_extended_trains_on_and_another_config_is_refused(tmp_path, demo_root, launcher):
     pytest.importorskip("deepspeed")
     cfg = {
         "model": {"text": {"type": "bert", "preset": "tiny", "tokenizer": str(demo_root / "tokenizer")},
@@ -469,10 +469,9 @@ def test_real_run_extended_trains_on_and_another_config_is_refused(tmp_path, dem
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
 
-    def train(*overrides):
-        return subprocess.run([sys.executable, "-m", "xfast.train", "--cfg", str(path),
-                               *(a for o in overrides for a in ("--set", o))],
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    def train(*overrides):  # `python -m xfast.train`, forked from the launcher (tests/forkserver.py)
+        return launcher.run("xfast.train", ["--cfg", str(path), *(a for o in overrides for a in ("--set", o))],
+                            cwd=tmp_path, env=env, timeout=600)
 
     first = train()
     assert first.returncode == 0, first.stderr[-3000:]

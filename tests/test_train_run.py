@@ -1,7 +1,9 @@
 """End-to-end training runs of a tiny CLIP: kill -9 + resume, corrupt shards, 2-rank ZeRO-3.
 
-Each run is a real subprocess of the documented commands (`python -m xfast.train`,
-`deepspeed --num_gpus 2 xfast/train.py`) on a few dozen procedural samples.
+Each run is a separate process on a few dozen procedural samples: the reference run is the
+documented `python -m xfast.train` in a fresh interpreter, the 2-rank run goes through
+`deepspeed --num_gpus 2 xfast/train.py`, and the other single-process runs are `python -m
+xfast.train` forked from the `launcher` (tests/forkserver.py), which imported the training stack once.
 """
 import io
 import json
@@ -54,8 +56,12 @@ def run(args, *, cwd, timeout=300, **kwargs):
     return subprocess.run(args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def train_args(cfg_path, *overrides) -> list[str]:
+    return ["--cfg", str(cfg_path), *(a for o in overrides for a in ("--set", o))]
+
+
 def train_command(cfg_path, *overrides):
-    return [sys.executable, "-m", "xfast.train", "--cfg", str(cfg_path), *(a for o in overrides for a in ("--set", o))]
+    return [sys.executable, "-m", "xfast.train", *train_args(cfg_path, *overrides)]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -155,21 +161,21 @@ def test_demo_report_reads_a_run(uninterrupted):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, workdir):
+def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, workdir, launcher):
     cfg_path, run_a, _ = uninterrupted
     run_b = workdir / "run_b"
-    command = train_command(cfg_path, f"output_dir={run_b}")
-    process = subprocess.Popen(command, cwd=workdir, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = train_args(cfg_path, f"output_dir={run_b}")
+    process = launcher.start("xfast.train", args, cwd=workdir, env=clean_env())
     latest = run_b / "checkpoints" / "latest"
     deadline = time.time() + 240
     while not latest.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert process.result(timeout=60).returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert latest.read_text().strip() in ("step_00000003", "step_00000006", "step_00000009")
     assert not (run_b / "final").exists()
 
-    resumed = run(command, cwd=workdir)
+    resumed = launcher.run("xfast.train", args, cwd=workdir, env=clean_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stderr + resumed.stdout
     a, b = final_weights(run_a), final_weights(run_b)
@@ -183,7 +189,7 @@ def test_kill_9_then_same_command_resumes_to_the_same_weights(uninterrupted, wor
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_rank_zero3_matches_one_rank(workdir):
+def test_two_rank_zero3_matches_one_rank(workdir, launcher):
     """One shard read by 2 ranks splits sample-wise (even/odd), so the 2 x 8 global batch holds the
     same 16 samples as the 1-rank batch; without dropout or augmentation the runs must agree."""
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -196,8 +202,8 @@ def test_two_rank_zero3_matches_one_rank(workdir):
     cfg_path = workdir / "zero3.json"
     cfg_path.write_text(json.dumps(base))
 
-    one = run(train_command(cfg_path, f"output_dir={workdir / 'one'}", "data.batch_size=16",
-                            "deepspeed.zero_stage=0"), cwd=workdir)
+    one = launcher.run("xfast.train", train_args(cfg_path, f"output_dir={workdir / 'one'}", "data.batch_size=16",
+                                                 "deepspeed.zero_stage=0"), cwd=workdir, env=clean_env(), timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
     two = run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
                "--cfg", str(cfg_path), "--set", f"output_dir={workdir / 'two'}", "--set", "deepspeed.zero_stage=3"],
