@@ -124,3 +124,26 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(data):
     assert {p.name for p in (output / "checkpoints" / "step_00000002").glob("trainer_state_rank*.pt")} == {
         "trainer_state_rank0.pt", "trainer_state_rank1.pt"}
     assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_before_a_checkpoint_can_hold_it(data, launcher):
+    # A learning rate of 1e30 (no warmup) takes the weights to ~1e30 in step 1 and the loss to NaN
+    # in step 2, a repeated step whose features are not checked; logging comes only at step 100,
+    # so the save due at step 2 is what must refuse, keeping step 1 as the latest checkpoint.
+    cfg = crash_config(data, 0)
+    cfg["train"].update(lr=1e30, warmup_steps=0, steps=4)
+    cfg["logging"]["every_steps"] = 100
+    cfg["checkpoint"]["every_steps"] = 1
+    cfg.pop("eval")
+    cfg_path = data / "nan.json"
+    cfg_path.write_text(json.dumps(cfg))
+    run_dir = data / "nan"
+    result = run_with_fault(launcher, train_args(cfg_path, f"output_dir={run_dir}"), data, None)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert ("the loss was NaN or inf at step 2" in result.stderr
+            and "latest: step_00000001" in result.stderr), result.stderr[-4000:]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000001"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]
+    assert not (run_dir / "final").exists()

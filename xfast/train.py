@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg)
     except ConfigError as err:  # found once the model is built ('auto' towers whose config.json omits sizes)
         return _config_error(err)
-    except (StartupError, CheckpointError) as err:  # disk, filesystem, lock files
+    except (StartupError, CheckpointError, FloatingPointError) as err:  # disk, lock files, a NaN loss
         print(f"xfast train: {err}", file=sys.stderr)
         return 1
 

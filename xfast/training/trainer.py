@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -98,6 +97,9 @@ class Trainer:
         fixed_rows = all(section.drop_last for section in (cfg.data, cfg.sentence_data, cfg.nli_data) if section)
         self.repeats = RepeatedSteps() if fixed_rows else None
         self.step = 0
+        # Step of the first non-finite loss (0: none), kept on the device: repeated steps skip the
+        # losses' value checks, so this is read only where it matters, at logging and before a save.
+        self.first_nonfinite_step: torch.Tensor | None = None
         state = self.checkpoints.load(self.engine) if cfg.checkpoint.resume != "never" else None
         if state is not None:
             self.step = state["step"]
@@ -122,6 +124,10 @@ class Trainer:
                 self.engine, [dict(batch, plan=plan) for batch in micro],
                 lambda features, shared, group: self.task.loss(features, shared, plan, group=group))
         self.step += 1
+        if self.first_nonfinite_step is None:
+            self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).reshape(()) & (self.first_nonfinite_step == 0)
+        self.first_nonfinite_step.masked_fill_(bad, self.step)
         samples = sum(batch_rows(batch[plan.streams[0]]) for batch in micro) * self.world
         return StepResult(self.step, loss, parts, shared, samples)
 
@@ -168,6 +174,7 @@ class Trainer:
         return 0
 
     def save(self) -> None:
+        self._stop_if_nonfinite()  # a checkpoint of NaN weights would replace the last good one
         self.checkpoints.save(self.engine, self.step, {"data": self.streams.state_dict()})
 
     def evaluate(self) -> None:
@@ -176,15 +183,20 @@ class Trainer:
             self.logger.log_eval(self.step, metrics)
 
     def _log(self, result: StepResult) -> None:
-        loss = float(result.loss)  # the global loss: the same value, and the same decision, on every rank
-        if not math.isfinite(loss):
-            # Repeated steps do not check the features for NaN/inf (a device wait per loss call):
-            # a non-finite loss is caught here, at the next logging step, instead.
-            raise FloatingPointError(f"the loss is {loss} at step {result.step}: the model's features or "
-                                     f"parameters hold NaN or inf (see the last checkpoint and metrics.jsonl)")
-        scalars = {"loss": loss, "logit_scale": float(result.shared["logit_scale"].reshape(-1)[0]),
+        self._stop_if_nonfinite()
+        scalars = {"loss": float(result.loss), "logit_scale": float(result.shared["logit_scale"].reshape(-1)[0]),
                    "lr": self.engine.get_lr()[0], **{f"loss/{k}": float(v) for k, v in result.parts.items()}}
         self.logger.log(self.step, scalars, skipped=_sum_over_ranks(self.streams.skip_counts()))
+
+    def _stop_if_nonfinite(self) -> None:
+        """Raise if a step since the start had a non-finite loss. The loss is the global one, so every
+        rank takes the same decision; the latest checkpoint (written before that step) is kept."""
+        step = 0 if self.first_nonfinite_step is None else int(self.first_nonfinite_step)
+        if step:
+            latest = self.checkpoints.latest_tag()
+            raise FloatingPointError(
+                f"the loss was NaN or inf at step {step}: the model's features or parameters hold NaN or inf; "
+                f"no checkpoint was written after it (latest: {latest or 'none'}); lower train.lr or check the data")
 
     def _write_run_info(self) -> int:
         """OUTPUT/run_info.json: world size, ZeRO stage and the parameter elements each rank holds
