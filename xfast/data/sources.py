@@ -141,6 +141,11 @@ class _CountingReader(io.RawIOBase):
         self.count += len(data)
         return len(data)
 
+    def read(self, size=-1):  # tarfile reads through this: no copy through a buffer
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
 
 def read_shard(url: str, on_skip: OnSkip, *, csv_columns: list[str] | None = None) -> Iterator[dict]:
     """Raw samples of one shard, in file order; shard problems go to `on_skip`."""
