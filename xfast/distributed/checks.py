@@ -252,10 +252,7 @@ class RepeatedSteps:
         current = _StepCalls(kind, [] if calls is None else calls, replay=calls is not None)
         token = _step_calls.set(current)
         try:
-            if current.replay:
-                with trusted_values():
-                    yield
-            else:
+            with trusted_values() if current.replay else contextlib.nullcontext():
                 yield
         finally:
             _step_calls.reset(token)
