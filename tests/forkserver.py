@@ -39,23 +39,32 @@ def _status(status: int) -> int:
 
 
 def _child(request: dict) -> None:
-    """In the forked child: become `python -m MODULE ARGV` and exit with its status."""
+    """In a child forked by the server: become `python -m MODULE ARGV` and exit with its status."""
+    opened = [os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+              os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
+    if request.get("new_session"):
+        os.setsid()  # its own process group, as Popen(start_new_session=True): killpg reaches its children
+    _become(request["module"], request["argv"], request["cwd"], request["env"], *opened)
+
+
+def _become(module: str, argv: list[str], cwd: str, env: dict, stdout_fd: int, stderr_fd: int) -> None:
+    """In a forked child: run `python -m MODULE ARGV` in `cwd` with exactly `env` and these output
+    descriptors, then exit with its status (never returns)."""
     code = 1
     try:
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(request["env"])
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                                (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-            opened = os.open(path, flags, 0o644)
-            os.dup2(opened, fd)
-            os.close(opened)
-        sys.stdin = open(0, closefd=False)  # the server's stdin was its request pipe
-        sys.argv = ["-m", *request["argv"]]
+        os.environ.update(env)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        for source, target in ((devnull, 0), (stdout_fd, 1), (stderr_fd, 2)):
+            os.dup2(source, target)
+        for fd in {devnull, stdout_fd, stderr_fd} - {0, 1, 2}:
+            os.close(fd)
+        sys.stdin = open(0, closefd=False)  # the parent's stdin may have been a request pipe
+        sys.argv = ["-m", *argv]
         import runpy
         try:
-            runpy._run_module_as_main(request["module"])  # what `python -m MODULE` calls
+            runpy._run_module_as_main(module)  # what `python -m MODULE` calls
             code = 0
         except SystemExit as stop:
             if stop.code is None or isinstance(stop.code, int):
@@ -80,6 +89,39 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
+def _fork_check() -> str | None:
+    """Why forking this process now is unsafe, or None. Only the main Python thread may exist
+    (a lock held by another Python thread would stay held in the child). Native BLAS pools (numpy's
+    and scipy's OpenBLAS start idle workers at import) restart in the child through their own
+    pthread_atfork handlers, as in DataLoader's forked workers."""
+    threads = threading.enumerate()
+    if len(threads) != 1:
+        return f"this process runs Python threads {[t.name for t in threads]}: a fork is unsafe"
+    return None
+
+
+def call(command: list[str], *, stdout, stderr, env: dict[str, str], cwd: str | None = None) -> int:
+    """subprocess.call for `[sys.executable, "-m", MODULE, *ARGV]` that forks this process instead
+    of starting a fresh interpreter: MODULE's imports already done here are not paid again. The
+    child stays in this process group (a killpg of the caller's group reaches it) and is waited
+    for as subprocess.call waits (exit status, negative when killed by a signal). `stdout` is a
+    file (object or descriptor), `stderr` one as well or subprocess.STDOUT. Used by `xfast study`
+    through its XFAST_STUDY_CALL hook (xfast/study/runner.py)."""
+    if command[:2] != [sys.executable, "-m"] or len(command) < 3:
+        raise ValueError(f"forkserver.call runs `{sys.executable} -m MODULE ...`, not {command}")
+    unsafe = _fork_check()
+    if unsafe:
+        raise RuntimeError(unsafe)
+    out = stdout if isinstance(stdout, int) else stdout.fileno()
+    err = out if stderr == subprocess.STDOUT else (stderr if isinstance(stderr, int) else stderr.fileno())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _become(command[2], command[3:], cwd or os.getcwd(), env, out, err)
+    return _status(os.waitpid(pid, 0)[1])
+
+
 def serve(preload: list[str]) -> None:
     for name in preload:
         importlib.import_module(name)
@@ -90,13 +132,9 @@ def serve(preload: list[str]) -> None:
         request = json.loads(line)
         op = request["op"]
         if op == "start":
-            # Only the main Python thread may exist when forking (a lock held by another Python
-            # thread would stay held in the child). Native BLAS pools (numpy's and scipy's
-            # OpenBLAS start idle workers at import) restart in the child through their own
-            # pthread_atfork handlers, as in DataLoader's forked workers.
-            threads = threading.enumerate()
-            if len(threads) != 1:
-                reply = {"error": f"the fork server runs Python threads {[t.name for t in threads]}: a fork is unsafe"}
+            unsafe = _fork_check()
+            if unsafe:
+                reply = {"error": unsafe}
             else:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -186,11 +224,13 @@ class ForkServer:
         self.process.stdin.flush()
         return self._read()
 
-    def start(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str]) -> Child:
-        """Starts `python -m module argv` in `cwd` with exactly `env` as its environment."""
+    def start(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str],
+              new_session: bool = False) -> Child:
+        """Starts `python -m module argv` in `cwd` with exactly `env` as its environment (in a new
+        session and process group with new_session, as Popen's start_new_session)."""
         out = [Path(tempfile.mkstemp(prefix="forkserver_", suffix=suffix)[1]) for suffix in (".out", ".err")]
         pid = self._ask({"op": "start", "module": module, "argv": [str(a) for a in argv], "cwd": str(cwd),
-                         "env": env, "stdout": str(out[0]), "stderr": str(out[1])})["pid"]
+                         "env": env, "stdout": str(out[0]), "stderr": str(out[1]), "new_session": new_session})["pid"]
         return Child(self, pid, [sys.executable, "-m", module, *argv], *out)
 
     def run(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str],

@@ -4,8 +4,6 @@ numbers equal to `xfast eval` run by hand on the same checkpoints."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from xfast.study.report import aggregate, markdown_table
 from xfast.study.runner import Run, StudyPlan, plan_runs
 from xfast.training import demo_data
 
-TINY = ["train.steps=40", "train.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
+TINY = ["train.steps=20", "train.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
         "logging.every_steps=2", "logging.progress_bar=false", "logging.tensorboard=false",
         "eval.before_training=false", "data.num_workers=0", "data.batch_size=8", "deepspeed.zero_stage=0",
         "train.deterministic=true", "model.embed_dim=16"]
@@ -88,16 +86,19 @@ def _env(data: Path) -> dict:
     return dict(env, XFAST_DEMO_DATA=str(data), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
 
 
-def _study_command(out: Path, data: Path) -> list[str]:
-    command = [sys.executable, "-m", "xfast.cli", "study", "--base", "demo_clip_tiny", "--arms",
-               "clip_none,clip_unsup", "--sentences", str(data / "sentences.json"), "--seeds", "0,1",
-               "--out", str(out), "--sts", str(data / "sts.tsv")]
-    return command + [a for o in TINY for a in ("--set", o)]
+def _study_args(out: Path, data: Path) -> list[str]:
+    args = ["study", "--base", "demo_clip_tiny", "--arms", "clip_none,clip_unsup", "--sentences",
+            str(data / "sentences.json"), "--seeds", "0,1", "--out", str(out), "--sts", str(data / "sts.tsv")]
+    return args + [a for o in TINY for a in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A study killed inside its first run, then run to the end, then run once more."""
+def study(tmp_path_factory, launcher):
+    """A study killed inside its first run, then run to the end, then run once more.
+
+    Each `python -m xfast.cli study` is forked from the `launcher` (tests/forkserver.py), and the
+    study forks its trainer runs in turn through its XFAST_STUDY_CALL hook (tests.forkserver.call):
+    real processes in the study's process group, without a fresh interpreter's imports each."""
     root = tmp_path_factory.mktemp("study")
     data = root / "demo"
     demo_data.generate(data, train=48, test=12, sentences=24, nli=8, seed=3)
@@ -108,19 +109,17 @@ def study(tmp_path_factory):
     (data / "sentences.json").write_text(json.dumps({"sentence_data": sentences}))
     out = root / "out"
     first_run = out / "runs" / "clip_none" / "seed0"
-    killed = subprocess.Popen(_study_command(out, data), env=_env(data), cwd=root, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(_env(data), XFAST_STUDY_CALL="tests.forkserver:call")
+    killed = launcher.start("xfast.cli", _study_args(out, data), cwd=root, env=env, new_session=True)
     deadline = time.monotonic() + 600
     while not (first_run / "checkpoints" / "latest").is_file():
-        assert killed.poll() is None, killed.stdout.read()
+        assert killed.poll() is None, killed.result()
         assert time.monotonic() < deadline, "no checkpoint after 600 s"
         time.sleep(0.01)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    resumed = subprocess.run(_study_command(out, data), env=_env(data), cwd=root, capture_output=True, text=True,
-                             timeout=1200, check=False)
-    again = subprocess.run(_study_command(out, data), env=_env(data), cwd=root, capture_output=True, text=True,
-                           timeout=600, check=False)
+    os.killpg(killed.pid, signal.SIGKILL)  # the study and the trainer it forked
+    assert killed.result().returncode == -signal.SIGKILL
+    resumed = launcher.run("xfast.cli", _study_args(out, data), cwd=root, env=env, timeout=1200)
+    again = launcher.run("xfast.cli", _study_args(out, data), cwd=root, env=env, timeout=600)
     return {"root": root, "data": data, "out": out, "first_run": first_run, "resumed": resumed, "again": again}
 
 
@@ -151,24 +150,21 @@ def test_rerun_skips_finished_runs(study):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_report_numbers_equal_xfast_eval_by_hand(study):
+def test_report_numbers_equal_xfast_eval_by_hand(study, launcher):
     record = json.loads((study["out"] / "report.json").read_text())
     run = record["runs"]["clip_unsup/seed1"]
     heldout = record["evaluation"]["heldout"]["image"]
     checks = {"retrieval": ["--task", "retrieval", "--data", heldout, "--ks", "1", "5"],
               "geometry": ["--task", "geometry", "--data", heldout],
               "sts": ["--task", "sts", "--data", str(study["data"] / "sts.tsv"), "--space", "sentence"]}
-    # The three evaluations are independent processes: they run side by side.
-    evals = {}
-    for task, options in checks.items():
-        out, log = study["root"] / f"by_hand_{task}", study["root"] / f"by_hand_{task}.log"
-        with log.open("w") as stderr:  # a file, not a pipe: no process waits on a full pipe
-            evals[task] = (out, options, log, subprocess.Popen(
-                [sys.executable, "-m", "xfast.cli", "eval", "--ckpt", run["folder"], *options, "--out", str(out),
-                 "--no-progress"], env=_env(study["data"]), cwd=study["root"], stdout=subprocess.DEVNULL,
-                stderr=stderr))
-    for task, (out, options, log, process) in evals.items():
-        assert process.wait(timeout=300) == 0, log.read_text()
+    # The three evaluations are independent processes (forked from the launcher): they run side by side.
+    evals = {task: (study["root"] / f"by_hand_{task}", options, launcher.start(
+        "xfast.cli", ["eval", "--ckpt", run["folder"], *options, "--out", str(study["root"] / f"by_hand_{task}"),
+                      "--no-progress"], cwd=study["root"], env=_env(study["data"])))
+             for task, options in checks.items()}
+    for task, (out, options, process) in evals.items():
+        done = process.result(timeout=300)
+        assert done.returncode == 0, done.stderr
         by_hand = json.loads((out / f"{options[1]}.json").read_text())["checkpoints"]
         (metrics,) = [c["metrics"] for c in by_hand.values()]
         assert metrics == run["metrics"][task], task

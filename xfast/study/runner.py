@@ -5,9 +5,16 @@ the same flags as training) on the layers: base config, [sentence or NLI stream]
 per-run layer (objective of the arm, seed, output folder) written next to the run. Rerunning
 the same study skips finished runs (marker `study_done.json`) and lets the trainer resume an
 interrupted one from its checkpoints.
+
+Hook: each run's command is started with `subprocess.call(command, stdout=LOG, stderr=STDOUT,
+env=ENV)`. The environment variable XFAST_STUDY_CALL="package.module:function" names a function
+with that signature to call instead (it must run the command as a real child process and return
+its exit status); the test suite uses it to fork runs from a process that imported the training
+stack once (tests/forkserver.py). Users leave it unset.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -25,6 +32,7 @@ from xfast.training.config import TrainConfig, load_config
 
 TRAIN_PY = Path(xfast.__file__).resolve().parent / "train.py"
 LAUNCHERS = ("python", "deepspeed", "torchrun")
+CALL_HOOK = "XFAST_STUDY_CALL"
 DONE_MARKER = "study_done.json"
 RUN_LAYER = "study_run.json"
 
@@ -136,9 +144,22 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _command_caller():
+    """subprocess.call, or the function that XFAST_STUDY_CALL names (module:function)."""
+    spec = os.environ.get(CALL_HOOK)
+    if not spec:
+        return subprocess.call
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{CALL_HOOK}={spec!r}: expected an importable module:function ({err})") from None
+
+
 def train_runs(runs: list[Run], plan: StudyPlan, say=print) -> list[str]:
     """Train what is not finished; returns the labels trained now. The trainer's output goes to
     RUN/train.log; a failure stops the study with the log's tail (the finished runs are kept)."""
+    call = _command_caller()
     trained = []
     for index, run in enumerate(runs, start=1):
         prefix = f"[{index}/{len(runs)}] {run.label}"
@@ -152,7 +173,7 @@ def train_runs(runs: list[Run], plan: StudyPlan, say=print) -> list[str]:
         with (run.folder / "train.log").open("a") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            code = call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         seconds, cpu_seconds = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
         if code != 0:
             tail = (run.folder / "train.log").read_text().splitlines()[-15:]
