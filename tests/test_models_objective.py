@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.dist_utils import start_ranks
 from tests.model_cases import (
     CAPTIONS,
     make_model,
@@ -283,7 +284,7 @@ def test_objective_over_a_group_equals_the_single_process_one(tmp_path):
     """Two ranks with uneven rows (and streams of different lengths) give the global loss on every
     rank, and gradients that average over ranks (DDP/DeepSpeed) to the single-process ones."""
     out = str(tmp_path / "objective")
-    torch.multiprocessing.spawn(_objective_rank_worker, args=(str(tmp_path / "store"), out), nprocs=2)
+    start_ranks(_objective_rank_worker, (str(tmp_path / "store"), out), 2)
     per_rank = [torch.load(f"{out}.{rank}") for rank in range(2)]
     feats, scale = group_inputs()
     for index, raw in enumerate(GROUP_CONFIGS):

@@ -10,6 +10,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
 
 import xfast  # noqa: E402
+from tests.dist_utils import start_ranks  # noqa: E402
 from xfast.training.accumulation import whole_batch_step  # noqa: E402
 from xfast.training.engine import WarmupCosine, deepspeed_config, init_distributed, param_groups  # noqa: E402
 
@@ -154,8 +155,7 @@ def test_two_ranks_average_to_the_whole_batch_gradient(tmp_path, micro_batches, 
     stream with other row counts); after DeepSpeed-style averaging the gradient equals one process
     computing the loss over all samples."""
     out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_two_rank_worker, nprocs=2, args=(str(tmp_path / "store"), micro_batches,
-                                                                  pair_rows, sentence_rows, str(out)))
+    start_ranks(_two_rank_worker, (str(tmp_path / "store"), micro_batches, pair_rows, sentence_rows, str(out)), 2)
     result, other_rank = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     reference, inputs, _ = two_rank_inputs(pair_rows, sentence_rows)
     features, shared = reference(inputs)
