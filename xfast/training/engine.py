@@ -12,6 +12,7 @@ from torch import nn
 
 from xfast.config import ConfigError
 from xfast.distributed.rendezvous import free_port
+from xfast.training.deepspeed_muon import import_muon
 from xfast.training.run_dir import lr_factor
 
 # Parameters that get no weight decay (open_clip's rule): 1-D tensors (biases, norm gains,
@@ -168,6 +169,7 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
     schedule = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    import_muon()  # before deepspeed.initialize imports it with its kernels compiled (deepspeed_muon.py)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if ds_config["zero_optimization"]["stage"] == 0 and torch.distributed.get_world_size() == 1:
