@@ -44,6 +44,7 @@ print(sorted(m for m in ("torch._inductor.codecache", "torch._functorch.aot_auto
 """
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_import_leaves_inductor_unimported_and_restores_the_compiler():
     """In a fresh interpreter (this one may have imported Muon already)."""
