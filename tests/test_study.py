@@ -4,6 +4,7 @@ numbers equal to `xfast eval` run by hand on the same checkpoints."""
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from xfast.config import ConfigError
 from xfast.study.arms import GRID, parse_arms
 from xfast.study.report import aggregate, markdown_table
-from xfast.study.runner import Run, StudyPlan, plan_runs
+from xfast.study.runner import CALL_HOOK, Run, StudyPlan, _command_caller, plan_runs
 from xfast.training import demo_data
 
 TINY = ["train.steps=20", "train.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
@@ -59,6 +60,17 @@ def test_run_layers_keep_the_base_towers_and_take_the_arms_objective(tmp_path):
     assert (cfg.objective.cyclip_lambda1, cfg.objective.simcse.mode) == (0.25, "sup")
     assert cfg.train.seed == 3 and cfg.nli_data is not None and cfg.sentence_data is None
     assert Path(cfg.output_dir) == tmp_path.resolve() / "runs" / "cyclip_sup" / "seed3"
+
+
+@pytest.mark.parametrize("spec, message", [("xfast.no_such_module:call", "No module named"),
+                                           ("subprocess:no_such_function", "no_such_function"),
+                                           ("subprocess", "no module:function form")])
+def test_a_bad_call_hook_is_named(monkeypatch, spec, message):
+    monkeypatch.setenv(CALL_HOOK, spec)
+    with pytest.raises(ConfigError, match=f"XFAST_STUDY_CALL={spec!r}: expected an importable module:function .*{message}"):
+        _command_caller()
+    monkeypatch.delenv(CALL_HOOK)
+    assert _command_caller() is subprocess.call
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():

@@ -149,8 +149,10 @@ def _command_caller():
     spec = os.environ.get(CALL_HOOK)
     if not spec:
         return subprocess.call
-    module, _, name = spec.partition(":")
+    module, colon, name = spec.partition(":")
     try:
+        if not (module and colon and name):
+            raise ValueError("no module:function form")
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"{CALL_HOOK}={spec!r}: expected an importable module:function ({err})") from None
