@@ -294,6 +294,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     for _ in range(warmup):
         float(step([next_batch() for _ in range(micro_batches)]))
     wait = 0.0
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -302,11 +303,28 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
         loss = step(micro)
     float(loss)
     elapsed = time.perf_counter() - start
+    cpu = [b - a for a, b in zip(cpu_start, _cpu_seconds())]
     if rank != 0:
         return None
     samples = steps * size["batch"] * size["micro_batches"]
     return {"samples_per_s": samples / elapsed, "ms_per_step": elapsed / steps * 1e3,
-            "data_wait_share": wait / elapsed, "parameters": parameters}
+            "data_wait_share": wait / elapsed, "parameters": parameters,
+            "step_cpu_ms": cpu[0] / steps * 1e3, "loader_cpu_ms": cpu[1] / steps * 1e3}
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process and by its child processes that are still running
+    (the loader workers; Linux /proc): where a step's time went when the two share the cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children = 0.0
+    try:
+        pids = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    except OSError:  # not Linux, or a child ended meanwhile
+        return time.process_time(), float("nan")
+    return time.process_time(), children
 
 
 def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict) -> dict:
@@ -442,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
         steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
-        runs.setdefault((size_name, method), []).append(measure(size_name, method, steps, warmup, args.ds_extra))
+        result = measure(size_name, method, steps, warmup, args.ds_extra)
+        runs.setdefault((size_name, method), []).append(result)
+        print(f"{size_name}/{method}: {result['samples_per_s']:.0f} samples/s, data wait {result['data_wait_share']:.0%}, "
+              f"CPU per step: training process {result['step_cpu_ms']:.1f} ms, loader workers "
+              f"{result['loader_cpu_ms']:.1f} ms", file=sys.stderr, flush=True)
         complete = [s for s in args.sizes if all(len(runs.get((s, m), [])) == args.repeat for m in methods_of[s])]
         if complete != done:  # a size has all its rounds: report (and save) it now, not only at the end
             done = complete
