@@ -4,7 +4,9 @@ Every measurement is one (size, method) pair run in its own subprocess(es); meth
 over --repeat rounds and the best round is kept (on a shared machine, the least disturbed one;
 every round is in the JSON). All methods read batches from xfast.data's loader over the
 built-in demo data (the demo config's worker count), so "data wait" (the share of wall time
-spent waiting for the next batch) is comparable.
+spent waiting for the next batch) is comparable. Each result also holds the CPU per step of the
+training process (step_cpu_ms) and of its loader workers (loader_cpu_ms): with 1 loader worker at the
+tiny sizes the worker is about as busy as the step, so wall time follows whichever is slower.
 
 Sizes (SIZES):
   tiny_clap, tiny_clip  the demo's towers: hidden 32, 2 layers, batch 32. CLAP = RoBERTa +
