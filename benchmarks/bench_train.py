@@ -23,8 +23,8 @@ Methods (METHODS):
   xfast         xfast.models towers + Objective in a DeepSpeed engine (ZeRO-2, torch AdamW),
                 whole_batch_step; on 1 rank.
   xfast_zero0   the same at ZeRO stage 0.
-  xfast_torch   the same step without DeepSpeed (plain torch AdamW + clipping): the difference
-                to xfast / xfast_zero0 is DeepSpeed's own cost per step, reported separately.
+  xfast_torch   the same step without DeepSpeed (plain torch AdamW + clipping; on 2 ranks one
+                flat gradient all-reduce, as DDP): what xfast costs without DeepSpeed.
   transformers  CLIPModel / ClapModel from config objects, return_loss=True (materialises the
                 N x N logits), loss.backward(), clip_grad_norm_, torch AdamW.
   xfast_2ranks  xfast at ZeRO-2 on 2 ranks (1 thread each): each rank scores its own rows
@@ -34,6 +34,13 @@ Methods (METHODS):
                 rows, gradients averaged over ranks as DDP does.
 Single-process methods run on 1 thread (the loader worker has the other core); 2-rank methods
 on 1 thread per rank.
+
+DeepSpeed's own cost per step (tiny sizes; --paired-ranks): the difference of two separate
+throughput runs is mostly their noise (it came out negative), so it is measured paired: one
+process per rank holds xfast_torch, xfast_zero0 and xfast copies of one model and runs one step of
+each per round on the same in-memory batch, in rotating order; the cost is the median over rounds
+of (DeepSpeed step - torch step), with a distribution-free 95% interval, on 1 rank and on the
+demo's 2 ranks (half the batch each).
 
     python benchmarks/bench_train.py                      # prints the table, writes nothing
     python benchmarks/bench_train.py --save               # also benchmarks/results/train.{json,md}
@@ -105,8 +112,9 @@ def _xfast_model(size: dict, tokenizer_dir: Path):
 
 
 class _TorchEngine:
-    """The engine interface of whole_batch_step without DeepSpeed: plain backward, clipping and
-    AdamW at the last micro-batch."""
+    """The engine interface of whole_batch_step without DeepSpeed: plain backward, and at the last
+    micro-batch the gradient averaged over ranks (one flat all-reduce, what DDP's buckets amount
+    to on CPU), clipping and AdamW."""
 
     def __init__(self, module, optimizer, micro_batches: int):
         self.module, self.optimizer, self.micro_batches, self.calls = module, optimizer, micro_batches, 0
@@ -118,44 +126,56 @@ class _TorchEngine:
         loss.backward()
 
     def step(self):
+        import torch
+        import torch.distributed as dist
         self.calls += 1
-        if self.calls % self.micro_batches == 0:
-            import torch
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.calls % self.micro_batches:
+            return
+        if dist.get_world_size() > 1:
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for p, grad in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(grad.view_as(p))
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
-def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_extra: dict):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
+    """`task` in the engine of `method`: DeepSpeed ZeRO-2 (xfast), ZeRO-0 (xfast_zero0) or plain
+    torch (xfast_torch), with the same AdamW (foreach) in all three."""
     import torch
 
-    from xfast.config import parse
-    from xfast.distributed.checks import RepeatedSteps
-    from xfast.models import Objective, ObjectiveConfig
-    from xfast.training.accumulation import whole_batch_step
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed, param_groups
-    from xfast.training.task import ContrastiveTask
-
-    init_distributed()
-    model = _xfast_model(size, tokenizer_dir)
-    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
-    task = ContrastiveTask(model, objective)
-    plan = objective.plan(0)
+    from xfast.training.engine import build_engine, deepspeed_config, param_groups
     optim = dict(lr=1e-3, weight_decay=0.1)
     if method == "xfast_torch":
         groups = param_groups(task, **optim)
         for group in groups:
             del group["names"]
-        engine = _TorchEngine(task, torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, **optim),
-                              size["micro_batches"])
-    else:
-        engine = build_engine(task, ds_config=deepspeed_config(
-            micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
-            zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0, extra=ds_extra),
-            betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
+        return _TorchEngine(task, torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, foreach=True, **optim),
+                            size["micro_batches"])
+    return build_engine(task, ds_config=deepspeed_config(
+        micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
+        zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0, extra=ds_extra),
+        betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
 
-    repeats = RepeatedSteps()  # as the Trainer: checks across ranks on the first step only
+
+def _xfast_step(model, size: dict, method: str, world: int, ds_extra: dict):
+    """step(micro_batches) -> loss: one optimizer step of `model` in the engine of `method`, under
+    RepeatedSteps as in the Trainer (checks across ranks on the first step only)."""
+    from xfast.config import parse
+    from xfast.distributed.checks import RepeatedSteps
+    from xfast.models import Objective, ObjectiveConfig
+    from xfast.training.accumulation import whole_batch_step
+    from xfast.training.task import ContrastiveTask
+
+    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+    task = ContrastiveTask(model, objective)
+    plan = objective.plan(0)
+    engine = _xfast_engine(task, size, method, world, ds_extra)
+    repeats = RepeatedSteps()
 
     def step(micro):
         with repeats.step(plan):
@@ -163,6 +183,16 @@ def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_
                                           lambda f, s, group: task.loss(f, s, plan, group=group))
         return loss
 
+    return step
+
+
+def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_extra: dict):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from xfast.training.engine import init_distributed
+
+    init_distributed()
+    model = _xfast_model(size, tokenizer_dir)
+    step = _xfast_step(model, size, method, world, ds_extra)
     return model.tokenizer, step, sum(p.numel() for p in model.parameters())
 
 
@@ -329,14 +359,65 @@ def _cpu_seconds() -> tuple[float, float]:
     return time.process_time(), children
 
 
-def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict) -> dict:
-    """One measurement in fresh subprocesses (one per rank); returns rank 0's result."""
+PAIRED = ("xfast_torch", "xfast_zero0", "xfast")
+
+
+def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra: dict) -> dict | None:
+    """DeepSpeed's own cost per step, paired (runs in the subprocess, one per rank).
+
+    One process holds three copies of the same model: in plain torch (xfast_torch), ZeRO-0 and
+    ZeRO-2. Each round runs one step of each on the same in-memory batch, in an order that
+    rotates every round; a step's DeepSpeed cost is its time minus the torch step's time of the
+    same round. Pairing cancels what drifts between rounds on a shared machine (other load,
+    clock), and no loader runs during the timed steps, so the median of the differences is
+    DeepSpeed's cost and not the noise of two separate runs."""
+    import copy
+    import itertools
+
+    import torch
+
+    from xfast.training.engine import init_distributed
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    size = SIZES[size_name]
+    rank, world = init_distributed()
+    model = _xfast_model(size, root / "tokenizer")
+    step_of = {m: _xfast_step(copy.deepcopy(model), size, m, world, ds_extra) for m in PAIRED}
+    per_step = size["micro_batches"]
+    source = _loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
+    stream = iter(source)
+    batches = list(itertools.islice(stream, 4 * per_step))
+    stream.close()  # stop the loader's workers: none may run during the timed steps (nor block the exit)
+    source.close()
+    micro = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
+    for i in range(warmup):
+        for method in PAIRED:
+            float(step_of[method](micro[i % len(micro)]))
+    times: dict[str, list[float]] = {m: [] for m in PAIRED}
+    for i in range(steps):
+        order = PAIRED[i % len(PAIRED):] + PAIRED[:i % len(PAIRED)]
+        for method in order:
+            start = time.perf_counter()
+            float(step_of[method](micro[i % len(micro)]))
+            times[method].append(time.perf_counter() - start)
+    if rank != 0:
+        return None
+    result = {"ranks": world, "steps": steps, "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
+    for method in PAIRED[1:]:
+        diffs = sorted(1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"]))
+        # distribution-free 95% interval of the median: order statistics n/2 -+ 0.98 sqrt(n)
+        k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))
+        result[method] = {"deepspeed_ms_per_step": statistics.median(diffs), "ci95": [diffs[k], diffs[-1 - k]]}
+    return result
+
+
+def _run(args: list[str], world: int, what: str) -> dict:
+    """This script with `args` in fresh subprocesses (one per rank); returns rank 0's RESULT."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    world = ranks_of(method)
-    command = [sys.executable, __file__, "--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
-               "--ds-extra", json.dumps(ds_extra)]
+    command = [sys.executable, __file__, *args]
     if world > 1:
         port = str(free_port())
         envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -350,8 +431,20 @@ def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict
     if any(p.returncode for p in procs) or line is None:
         for out, err in outs:
             print(out[-2000:], err[-3000:], file=sys.stderr)
-        raise SystemExit(f"{size_name}/{method} failed (exit {[p.returncode for p in procs]})")
+        raise SystemExit(f"{what} failed (exit {[p.returncode for p in procs]})")
     return json.loads(line[len("RESULT "):])
+
+
+def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict) -> dict:
+    """One throughput measurement in fresh subprocesses (one per rank); returns rank 0's result."""
+    return _run(["--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
+                 "--ds-extra", json.dumps(ds_extra)], ranks_of(method), f"{size_name}/{method}")
+
+
+def measure_paired(size_name: str, ranks: int, steps: int, warmup: int, ds_extra: dict) -> dict:
+    """paired_worker on `ranks` ranks (each rank its share of the batch, as the demo's 2 ranks)."""
+    return _run(["--paired", size_name, "--paired-steps", str(steps), "--warmup", str(warmup),
+                 "--ds-extra", json.dumps(ds_extra)], ranks, f"{size_name}/paired on {ranks} ranks")
 
 
 def machine() -> str:
@@ -363,7 +456,9 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def summarize(runs: dict, sizes, methods_of) -> list[dict]:
+def summarize(runs: dict, sizes, methods_of, paired: dict) -> list[dict]:
+    """Rows per size: each method's best round, ratios, and the paired DeepSpeed cost per rank count
+    (paired[size][ranks], as measure_paired returns it)."""
     rows = []
     for size_name in sizes:
         size = SIZES[size_name]
@@ -381,16 +476,18 @@ def summarize(runs: dict, sizes, methods_of) -> list[dict]:
         if "xfast_2ranks" in row and "open_clip_2ranks" in row:
             row["xfast_2ranks"]["vs_open_clip_2ranks"] = (row["xfast_2ranks"]["samples_per_s"]
                                                          / row["open_clip_2ranks"]["samples_per_s"])
-        if "xfast_torch" in row:  # DeepSpeed's own cost per optimizer step
-            for method in ("xfast", "xfast_zero0"):
-                if method in row:
-                    row[method]["deepspeed_ms_per_step"] = row[method]["ms_per_step"] - row["xfast_torch"]["ms_per_step"]
+        if paired.get(size_name):
+            row["deepspeed_cost"] = {str(ranks): result for ranks, result in sorted(paired[size_name].items())}
         rows.append(row)
     return rows
 
 
 HEADER = ("Training throughput on CPU: 1 thread per process (2-rank methods: 2 processes), best of "
-          "alternating rounds on a shared machine; demo data through xfast.data")
+          "alternating rounds on a shared machine; demo data through xfast.data. DeepSpeed ms/step: "
+          "the paired figure of the table below (1 rank)")
+PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
+                 "one process per rank, one step of each per round on the same in-memory batch (rotating order); "
+                 "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]")
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -405,10 +502,26 @@ def table(rows: list[dict], header: str) -> str:
             vs = f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else ""
             if "vs_open_clip_2ranks" in r:
                 vs += f" ({r['vs_open_clip_2ranks']:.2f}x open_clip)"
-            ds = f"{r['deepspeed_ms_per_step']:.1f}" if "deepspeed_ms_per_step" in r else ""
+            cost = row.get("deepspeed_cost", {}).get("1", {}).get(method)
+            ds = _cost_cell(cost) if cost else ""
             lines.append(f"| {row['size']} (batch {row['batch']}) | {method} | {r['samples_per_s']:.0f} | "
                          f"{r['ms_per_step']:.1f} | {r['data_wait_share']:.0%} | {vs} | {ds} |")
+    costs = [(row, ranks, result) for row in rows for ranks, result in row.get("deepspeed_cost", {}).items()]
+    if costs:
+        lines += ["", PAIRED_HEADER, "",
+                  "| size | ranks | torch step ms | ZeRO-0 ms/step | ZeRO-2 ms/step | DeepSpeed ZeRO-0 | DeepSpeed ZeRO-2 |",
+                  "|---|---|---|---|---|---|---|"]
+        for row, ranks, result in costs:
+            ms = result["ms_per_step"]
+            lines.append(f"| {row['size']} (batch {row['batch']}) | {ranks} | {ms['xfast_torch']:.1f} | "
+                         f"{ms['xfast_zero0']:.1f} | {ms['xfast']:.1f} | {_cost_cell(result['xfast_zero0'])} | "
+                         f"{_cost_cell(result['xfast'])} |")
     return "\n".join(lines)
+
+
+def _cost_cell(cost: dict) -> str:
+    low, high = cost["ci95"]
+    return f"{cost['deepspeed_ms_per_step']:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def save(rows: list[dict]) -> None:
@@ -437,17 +550,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds-extra", type=json.loads, default={}, metavar="JSON",
                         help="DeepSpeed config keys merged into the xfast methods' config (the trainer's "
                              "deepspeed.extra), e.g. '{\"zero_optimization\": {\"overlap_comm\": true}}'")
+    parser.add_argument("--paired-ranks", nargs="*", type=int, metavar="RANKS",
+                        help="rank counts of the paired DeepSpeed-cost measurement (default: 1 2 for the tiny "
+                             "sizes, none for the others; give the option without values to skip it)")
+    parser.add_argument("--paired-steps", type=int, default=60,
+                        help="rounds of the paired measurement (default 60)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/train.{json,md}")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", metavar="SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("steps", "repeat"):
+    for name in ("steps", "repeat", "paired_steps"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     from xfast.training import demo_data
     root, _ = demo_data.ensure()
     if args.worker:
         result = worker(*args.worker, args.steps, args.warmup, root, args.ds_extra)
+        if result is not None:
+            print("RESULT " + json.dumps(result))
+        return 0
+    if args.paired:
+        result = paired_worker(args.paired, args.paired_steps, args.warmup, root, args.ds_extra)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
@@ -458,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[dict]] = {}
     command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
     cpu = machine()
+    paired: dict[str, dict[int, dict]] = {}
+    for size_name in args.sizes:
+        tiny = SIZES[size_name]["hidden"] == 32 and SIZES[size_name]["batch"] <= 256
+        for ranks in args.paired_ranks if args.paired_ranks is not None else (1, 2) if tiny else ():
+            paired.setdefault(size_name, {})[ranks] = measure_paired(size_name, ranks, args.paired_steps, args.warmup,
+                                                                     args.ds_extra)
     done: list[str] = []
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
@@ -470,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         complete = [s for s in args.sizes if all(len(runs.get((s, m), [])) == args.repeat for m in methods_of[s])]
         if complete != done:  # a size has all its rounds: report (and save) it now, not only at the end
             done = complete
-            rows = summarize(runs, done, methods_of)
+            rows = summarize(runs, done, methods_of, paired)
             for row in rows:
                 row.update(machine=cpu, repeat=args.repeat, command=command,
                            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
