@@ -120,7 +120,8 @@ class DeepSpeedSection:
         "help": "micro-batches per optimizer step; their features form ONE contrastive batch (GradCache)"})
     extra: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "further DeepSpeed config keys, merged as given (e.g. {\"zero_optimization\": "
-                "{\"overlap_comm\": true}}); batch, precision, optimizer and scheduler keys are derived"})
+                "{\"overlap_comm\": true}}); batch, precision, optimizer and scheduler keys are derived; "
+                "on CPU ranks ZeRO-2 gets contiguous_gradients false (faster, the same arithmetic) unless set here"})
 
     def validate(self, path: str) -> None:
         if self.accumulation_steps < 1:

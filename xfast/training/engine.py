@@ -129,16 +129,28 @@ def relay_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, *, warmup: int,
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+# ZeRO-2 settings for CPU ranks that change where gradients wait between backward and the
+# optimizer, not what a step computes (tests/test_train_engine.py: the same weights bit for bit
+# on 1 and 2 ranks). DeepSpeed's defaults allocate a 5e8-element reduce bucket afresh at every
+# step and copy every gradient into it (contiguous_gradients); on CPU that costs a small model a
+# large share of its step (benchmarks/bench_train.py, paired DeepSpeed cost). Not measured on
+# GPUs, where contiguous buckets are what keeps big models' memory unfragmented: left alone there.
+# A user's own keys in deepspeed.extra win.
+ZERO_SPEED_DEFAULTS = {"contiguous_gradients": False}
+
+
 def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_size: int,
                      zero_stage: int, precision: str, gradient_clipping: float,
-                     extra: dict | None = None) -> dict:
-    """The DeepSpeed JSON config for one run (the trainer owns batch, ZeRO and precision keys)."""
+                     extra: dict | None = None, device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON config for one run (the trainer owns batch, ZeRO and precision keys);
+    device_type: where the ranks compute ("cpu", "cuda", ...), which picks the speed defaults."""
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
         "train_batch_size": micro_batch_size * accumulation_steps * world_size,
         "gradient_clipping": gradient_clipping,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage,
+                              **(ZERO_SPEED_DEFAULTS if zero_stage == 2 and device_type == "cpu" else {})},
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # the trainer's progress bar reports instead
         "wall_clock_breakdown": False,
@@ -172,11 +184,33 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     import_muon()  # before deepspeed.initialize imports it with its kernels compiled (deepspeed_muon.py)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    if ds_config["zero_optimization"]["stage"] == 0 and torch.distributed.get_world_size() == 1:
-        # Stage 0 all-reduces every gradient after backward, through a flat copy of all of them,
-        # even alone; with one rank there is nothing to average.
-        engine.enable_backward_allreduce = False
+    if ds_config["zero_optimization"]["stage"] == 0:
+        if torch.distributed.get_world_size() == 1:
+            # Stage 0 all-reduces every gradient after backward, through a flat copy of all of
+            # them, even alone; with one rank there is nothing to average.
+            engine.enable_backward_allreduce = False
+        engine.clip_fp32_gradients = lambda: clip_like_deepspeed(engine.module.parameters(), engine.gradient_clipping())
     return engine
+
+
+def clip_like_deepspeed(parameters, max_norm: float) -> None:
+    """DeepSpeed's stage-0 fp32 gradient clipping (deepspeed.runtime.utils.clip_grad_norm_, 2-norm,
+    no model parallelism), with its two loops over the parameters as foreach calls: the same
+    per-tensor norms, sum of squares, averaged all-reduce and scale factor, so the same gradients
+    bit for bit (tests/test_train_engine.py), for a fraction of the Python per parameter."""
+    from deepspeed import comm
+    from deepspeed.utils import groups
+
+    grads = [p.grad.data for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    total = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float().pow(1.0 / 2.0)
+    group = groups._get_data_parallel_group()
+    total = total * 1.0 / float(comm.get_world_size(group=group))  # DeepSpeed's MoE-safe average
+    comm.all_reduce(total, group=group)
+    coef = torch.min(torch.tensor([1.0], device=total.device),
+                     torch.tensor([float(max_norm)], device=total.device) / (total + 1e-6))
+    torch._foreach_mul_(grads, coef.to(grads[0].device).reshape(()))
 
 
 def engine_from_config(module: nn.Module, *, deepspeed_section, optim, micro_batch_size: int, world_size: int):
@@ -186,7 +220,8 @@ def engine_from_config(module: nn.Module, *, deepspeed_section, optim, micro_bat
         module, ds_config=deepspeed_config(
             micro_batch_size=micro_batch_size, accumulation_steps=deepspeed_section.accumulation_steps,
             world_size=world_size, zero_stage=deepspeed_section.zero_stage, precision=deepspeed_section.precision,
-            gradient_clipping=deepspeed_section.gradient_clipping, extra=deepspeed_section.extra),
+            gradient_clipping=deepspeed_section.gradient_clipping, extra=deepspeed_section.extra,
+            device_type=comm_device().type),
         lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps,
         tower_lr={f"model.{k}": v for k, v in optim.tower_lr.items()}, warmup_steps=optim.warmup,
         total_steps=optim.steps, min_lr_ratio=optim.min_lr_ratio)
