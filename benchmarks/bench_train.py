@@ -540,8 +540,8 @@ def save(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES), help="sizes to measure (default all)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="methods (default: per size; tiny: " + " ".join(DEFAULT_METHODS["tiny"]) + "; "
+    parser.add_argument("--methods", nargs="*", choices=METHODS,
+                        help="methods (none: only the paired DeepSpeed cost; default: per size; tiny: " + " ".join(DEFAULT_METHODS["tiny"]) + "; "
                              "tiny_clip_b4096: " + " ".join(DEFAULT_METHODS["large"]) + "; wide: "
                              + " ".join(DEFAULT_METHODS["wide"]) + ")")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per tiny measurement (default 30)")
@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "repeat", "paired_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.methods == [] and args.save:
+        parser.error("--save needs throughput methods (the saved rows would have none)")
 
     from xfast.training import demo_data
     root, _ = demo_data.ensure()
@@ -577,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tqdm.auto import tqdm
-    methods_of = {s: list(args.methods or default_methods(s)) for s in args.sizes}
+    methods_of = {s: list(default_methods(s) if args.methods is None else args.methods) for s in args.sizes}
     jobs = [(s, m) for _ in range(args.repeat) for s in args.sizes for m in methods_of[s]]
     runs: dict[tuple[str, str], list[dict]] = {}
     command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
@@ -607,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows, HEADER), flush=True)
             if args.save:
                 save(rows)
+    if not jobs:  # only the paired DeepSpeed cost
+        print(table(summarize(runs, args.sizes, methods_of, paired), HEADER), flush=True)
     return 0
 
 
