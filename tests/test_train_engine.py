@@ -74,6 +74,7 @@ def _train(rank: int, world: int, stage: int, deepspeeds_own: bool, accumulation
 
 def _init_deepspeed():
     import deepspeed.ops
+    os.environ["LOCAL_RANK"] = os.environ["RANK"]  # as a launcher sets it (run_ranks sets RANK)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build: plain gloo is enough here
     deepspeed.init_distributed(verbose=False)
 
