@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import logging
+import lzma
 import os
 import re
 import subprocess
-import tarfile
+import zlib
 from typing import Callable, Iterator
 
 from braceexpand import braceexpand
 
 from xfast.config import ConfigError
+from xfast.data.tar import TarFormatError, decompressed, iter_files
 
 log = logging.getLogger("xfast.data")
 
@@ -125,28 +126,6 @@ def open_stream(url: str):
         proc.wait()
 
 
-class _CountingReader(io.RawIOBase):
-    """Counts the bytes read, to tell a complete tar from one cut at a member boundary."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.count = 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        data = self.raw.read(len(buffer))
-        buffer[: len(data)] = data
-        self.count += len(data)
-        return len(data)
-
-    def read(self, size=-1):  # tarfile reads through this: no copy through a buffer
-        data = self.raw.read(size)
-        self.count += len(data)
-        return data
-
-
 def read_shard(url: str, on_skip: OnSkip, *, csv_columns: list[str] | None = None) -> Iterator[dict]:
     """Raw samples of one shard, in file order; shard problems go to `on_skip`."""
     kind = shard_format(url)
@@ -162,20 +141,11 @@ def read_shard(url: str, on_skip: OnSkip, *, csv_columns: list[str] | None = Non
 
 
 def _read_tar(url: str, stream, on_skip: OnSkip) -> Iterator[dict]:
-    counter = _CountingReader(stream)
-    try:
-        archive = tarfile.open(fileobj=counter, mode="r|")
-    except (tarfile.TarError, OSError, EOFError) as err:
-        on_skip("unreadable_shard", f"{url}: {err}")
-        log.warning("skipping unreadable shard %s: %s", url, err)
-        return
     sample: dict | None = None
     index = 0
     try:
-        for member in archive:
-            if not member.isfile():
-                continue
-            match = _KEY_EXT.match(member.name)
+        for name, data in iter_files(decompressed(stream)):
+            match = _KEY_EXT.match(name)
             if match is None:
                 continue
             key, ext = match.group(1), match.group(2).lower()
@@ -185,17 +155,20 @@ def _read_tar(url: str, stream, on_skip: OnSkip) -> Iterator[dict]:
                 sample = None
             if sample is None:
                 sample = {"__key__": key, "__url__": url, "__index__": index}
-            sample[ext] = archive.extractfile(member).read()
-        end = archive.offset
-        while counter.read(1 << 16):  # the rest: end-of-archive blocks (and draining a pipe)
+            sample[ext] = data
+        while stream.read(1 << 16):  # the rest: end-of-archive blocks (and draining a pipe)
             pass
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except TarFormatError as err:
+        if err.at_start:
+            on_skip("unreadable_shard", f"{url}: {err}")
+            log.warning("skipping unreadable shard %s: %s", url, err)
+        else:
+            on_skip("truncated_shard", f"{url}: {err}")
+            log.warning("shard %s is truncated after %d samples: %s", url, index, err)
+        return  # the sample being read may lack files: dropped
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:  # a read failure or broken compression
         on_skip("truncated_shard", f"{url}: {err}")
         log.warning("shard %s is truncated after %d samples: %s", url, index, err)
-        return  # the sample being read may lack files: dropped
-    if counter.count < end + tarfile.BLOCKSIZE:
-        on_skip("truncated_shard", f"{url}: no end-of-archive block")
-        log.warning("shard %s is truncated after %d samples (cut at a file boundary)", url, index)
         return
     if sample is not None:
         yield sample
