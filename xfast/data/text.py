@@ -100,7 +100,13 @@ def sentence(sample: dict, cfg: TextConfig) -> str:
 
 
 class Tokenize:
-    """list[str] -> (input_ids, attention_mask), Long [B, max_length], with an HF fast tokenizer."""
+    """list[str] -> (input_ids, attention_mask), Long [B, max_length], with an HF fast tokenizer.
+
+    Calls the tokenizer's Rust backend directly (a copy of it, set to truncate and pad to
+    max_length as the HF call with padding="max_length", truncation=True would): the same ids,
+    without the per-sample Python dicts and list-to-tensor conversion of the HF call (about half
+    of its time at batch 1024). Slow (Python) tokenizers go through the HF call.
+    """
 
     def __init__(self, tokenizer, max_length: int):
         if tokenizer is None:
@@ -109,8 +115,22 @@ class Tokenize:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad token; set tokenizer.pad_token")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.backend = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            from tokenizers import Tokenizer
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
+            self.backend.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                                        pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token,
+                                        length=max_length)
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return out["input_ids"].long(), out["attention_mask"].long()
+        if self.backend is None:
+            out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            return out["input_ids"].long(), out["attention_mask"].long()
+        encodings = self.backend.encode_batch_fast(texts)  # no character offsets: not needed here
+        input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(texts), self.max_length)
+        attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return input_ids, attention_mask.view(len(texts), self.max_length)
