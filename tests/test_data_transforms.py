@@ -227,7 +227,7 @@ def test_normalizer_matches_formula():
     cfg = parse(ImageConfig, {}, "image")
     pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 4, 3), dtype=np.uint8)
     out = ImageNormalizer(cfg)(pixels)
-    assert out.shape == (2, 3, 5, 4) and out.dtype == torch.float32
+    assert out.shape == (2, 3, 5, 4) and out.dtype == torch.float32 and out.is_contiguous()
     ref = (pixels.astype(np.float64) / 255 - np.array(cfg.mean)) / np.array(cfg.std)
     np.testing.assert_allclose(out.numpy(), ref.transpose(0, 3, 1, 2), atol=1e-5)
 

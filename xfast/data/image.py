@@ -30,6 +30,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode != "I" or values.max() > 255:  # mode I holds 8- or 16-bit grey (PNG, TIFF)
             values = np.clip(values, 0, 65535) >> 8
         image = Image.fromarray(values.astype(np.uint8), "L")
+    if image.mode == "RGB":  # convert() would copy it
+        image.load()
+        return image
     return image.convert("RGB")
 
 
@@ -110,5 +113,6 @@ class ImageNormalizer:
         self.shift = (-mean / std).view(1, 3, 1, 1)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-        return batch.mul_(self.scale).add_(self.shift).contiguous()
+        # Channels first on the uint8 bytes (a quarter of the float copy), then one float pass.
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float()
+        return batch.mul_(self.scale).add_(self.shift)
