@@ -19,12 +19,14 @@ to "drawn" without decoding it (tar bytes are read again, nothing is decoded).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import weakref
 import zlib
 from typing import Iterator
 
@@ -231,6 +233,18 @@ def _leave_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# Worker iterators alive in this process. Workers ignore SIGTERM, so multiprocessing's own exit
+# handler (terminate daemonic children, then join them) would wait forever on a loader still
+# referenced when the program ends; this handler, registered after it, runs before it.
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    for iterator in list(_RUNNING):
+        iterator._shutdown_workers()
+
+
 class StreamingLoader:
     """Iterates one epoch of batches per `for` loop; reports and restores its position.
 
@@ -313,7 +327,11 @@ class StreamingLoader:
             self._dataset.resume = self.state_dict()
             self._loader = None
         self._shared_epoch.value = self._epoch
-        source = self._dataset if self.cfg.num_workers == 0 else self._get_loader()
+        if self.cfg.num_workers == 0:
+            source = iter(self._dataset)
+        else:
+            source = iter(self._get_loader())
+            _RUNNING.add(source)
         for item in source:
             worker = item.pop("__worker__")
             if item.pop("__epoch__") != self._epoch:
