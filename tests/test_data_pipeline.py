@@ -366,3 +366,20 @@ def test_resume_after_one_worker_finished(tmp_path, tokenizer):
     resumed.load_state_dict(state)
     assert head == ["000000", "000001", "000008", "000009", "000002", "000003", "000004", "000005"]
     assert keys_of(resumed) == ["000006", "000007"]
+
+
+def test_a_program_exits_while_a_loader_with_workers_is_still_referenced(tmp_path):
+    """Workers ignore SIGTERM; before the loader stopped them at exit, multiprocessing's exit
+    handler (terminate, then join) waited for them forever."""
+    import subprocess
+    import sys
+    pattern = write_shards(tmp_path, [8, 8])
+    script = (f"from tests.data_fixtures import data_config, make_tokenizer\n"
+              f"from xfast.data import build_loader\n"
+              f"loader = build_loader(data_config({pattern!r}, batch_size=2, num_workers=1), make_tokenizer())\n"
+              f"batches = iter(loader)\n"
+              f"print(next(batches)['input_ids'].shape[0])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]

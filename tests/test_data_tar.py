@@ -60,7 +60,7 @@ def test_every_cut_raises_and_keeps_the_files_before_it():
     for cut in [*range(0, end + 512, 97), end + 511]:  # a cut anywhere before a whole end-of-archive block
         files = []
         with pytest.raises(TarFormatError) as err:
-            for name, payload in iter_files(io.BufferedReader(io.BytesIO(data[:cut]))):
+            for name, _ in iter_files(io.BufferedReader(io.BytesIO(data[:cut]))):
                 files.append(name)
         assert err.value.at_start == (cut < 512)  # no whole header: not known to be a tar
         whole = [m.name for m in members if m.offset_data + m.size + (-m.size % 512) <= cut]

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from data_fixtures import WORDS, make_tokenizer
 
+from tests.data_fixtures import WORDS, make_tokenizer
 from xfast.data.text import Tokenize
 
 
