@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -339,8 +340,9 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     if rank != 0:
         return None
     samples = steps * size["batch"] * size["micro_batches"]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"samples_per_s": samples / elapsed, "ms_per_step": elapsed / steps * 1e3,
-            "data_wait_share": wait / elapsed, "parameters": parameters,
+            "data_wait_share": wait / elapsed, "parameters": parameters, "peak_rss_mib": peak_rss,
             "step_cpu_ms": cpu[0] / steps * 1e3, "loader_cpu_ms": cpu[1] / steps * 1e3}
 
 
@@ -492,8 +494,8 @@ PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0
 
 def table(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| size | method | samples/s | ms/step | data wait | vs transformers | DeepSpeed ms/step |",
-             "|---|---|---|---|---|---|---|"]
+             "| size | method | samples/s | ms/step | data wait | vs transformers | DeepSpeed ms/step | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for method in METHODS:
             if method not in row:
@@ -504,8 +506,9 @@ def table(rows: list[dict], header: str) -> str:
                 vs += f" ({r['vs_open_clip_2ranks']:.2f}x open_clip)"
             cost = row.get("deepspeed_cost", {}).get("1", {}).get(method)
             ds = _cost_cell(cost) if cost else ""
+            rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else ""  # rows saved before it was measured
             lines.append(f"| {row['size']} (batch {row['batch']}) | {method} | {r['samples_per_s']:.0f} | "
-                         f"{r['ms_per_step']:.1f} | {r['data_wait_share']:.0%} | {vs} | {ds} |")
+                         f"{r['ms_per_step']:.1f} | {r['data_wait_share']:.0%} | {vs} | {ds} | {rss} |")
     costs = [(row, ranks, result) for row in rows for ranks, result in row.get("deepspeed_cost", {}).items()]
     if costs:
         lines += ["", PAIRED_HEADER, "",
