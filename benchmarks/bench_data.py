@@ -13,6 +13,7 @@ efficiency, which other load on a shared machine does not distort as it does wal
     .venv/bin/python benchmarks/bench_data.py --save             # ... and writes benchmarks/results/data.json
     .venv/bin/python benchmarks/bench_data.py --before /tmp/old  # and an older checkout, side by side
     .venv/bin/python benchmarks/bench_data.py --quick            # fewer samples, one round
+    .venv/bin/python benchmarks/bench_data.py --stages --batch-size 1024  # us per sample of each stage
 
 Each row runs in its own process (with the xfast of its checkout), rows interleaved over rounds.
 """
@@ -239,11 +240,19 @@ def main(argv=None) -> int:
                         help="write the results to benchmarks/results/data.json (with --modality, only that "
                              "pipeline's rows are replaced)")
     parser.add_argument("--out", help="write the results as JSON to this path instead")
+    parser.add_argument("--stages", action="store_true",
+                        help="instead: microseconds per sample of each loader stage on the demo training data "
+                             "(batch --batch-size), in one process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(json.loads(args.child))
     _pin()
+    if args.stages:
+        for modality in ["image", "audio"] if args.modality == "both" else [args.modality]:
+            for row in stages(modality, args.batch_size):
+                print(f"{row['pipeline']:6s} {row['stage']:26s} {row['us_per_sample']:8.1f} us/sample")
+        return 0
     n_images, n_clips = (256, 32) if args.quick else (1024, 512)
     n_images, n_clips = args.images or n_images, args.clips or n_clips
     rounds = 1 if args.quick else args.rounds
@@ -298,6 +307,55 @@ def main(argv=None) -> int:
                        "torch": torch.__version__}, f, indent=1)
         print(f"wrote {out}")
     return 0
+
+
+def stages(modality: str, batch_size: int, repeat: int = 3) -> list[dict]:
+    """Per-sample cost of each loader stage, in this process (best of `repeat`), over the demo
+    training data that benchmarks/bench_train.py feeds: tar reading, the per-sample augmentation
+    generator, decoding + augmentation, collate (tokenisation and batching) and the whole
+    0-worker loader."""
+    from transformers import AutoTokenizer
+
+    from xfast.data.pipeline import ShardStream
+    from xfast.data.sources import read_shard
+    from xfast.training import demo_data
+    from xfast.training.config import resolve_config_path
+
+    root, _ = demo_data.ensure()
+    model, folder = ("clip", "images") if modality == "image" else ("clap", "audio")
+    raw = json.loads(resolve_config_path(f"demo_{model}_tiny").read_text())["data"]
+    raw.update(sources=[{"urls": str(root / folder / "train")}], batch_size=batch_size, num_workers=0,
+               resampled=True, samples_per_epoch=10**7)
+    cfg = parse(DataConfig, raw, "data")
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    urls = sorted(str(p) for p in (root / folder / "train").glob("*.tar"))
+
+    def best(fn):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - start)
+        return min(times), out
+
+    rows = []
+    seconds, samples = best(lambda: [s for url in urls for s in read_shard(url, lambda kind, detail: None)])
+    rows.append(("tar reading", seconds / len(samples)))
+    stream = ShardStream(cfg, tokenizer, [urls], rank=0, world_size=1, train=True, shared_epoch=None)
+    seconds, rngs = best(lambda: [stream._augment_rng(0, s) for s in samples])
+    rows.append(("augmentation generator", seconds / len(samples)))
+    seconds, items = best(lambda: [stream.processor.process(s, r) for s, r in zip(samples, rngs)])
+    rows.append(("decode + augment", seconds / len(samples)))
+    items = (items * (batch_size // len(items) + 1))[:batch_size]
+    seconds, _ = best(lambda: stream.processor.collate(items))
+    rows.append((f"collate (batch {batch_size})", seconds / batch_size))
+    seconds, _ = best(lambda: stream.processor.tokenize([item["text"] for item in items]))
+    rows.append(("  of which tokenisation", seconds / batch_size))
+    batches = iter(build_loader(cfg, tokenizer))
+    next(batches)
+    seconds, _ = best(lambda: next(batches))
+    rows.append(("whole loader, 0 workers", seconds / batch_size))
+    return [{"pipeline": modality, "stage": name, "us_per_sample": value * 1e6} for name, value in rows]
 
 
 def _cpu_model() -> str:
