@@ -65,6 +65,8 @@ def test_every_cut_raises_and_keeps_the_files_before_it():
         assert err.value.at_start == (cut < 512)  # no whole header: not known to be a tar
         whole = [m.name for m in members if m.offset_data + m.size + (-m.size % 512) <= cut]
         assert files == whole, cut
+        inside = [m.name for m in members if m.offset_data <= cut < m.offset_data + m.size + (-m.size % 512)]
+        assert err.value.member == (inside[0] if inside else None), cut  # its header was whole
 
 
 def test_not_a_tar_and_a_corrupt_header():

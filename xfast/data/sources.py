@@ -159,6 +159,10 @@ def _read_tar(url: str, stream, on_skip: OnSkip) -> Iterator[dict]:
         while stream.read(1 << 16):  # the rest: end-of-archive blocks (and draining a pipe)
             pass
     except TarFormatError as err:
+        match = _KEY_EXT.match(err.member or "")
+        if sample is not None and match is not None and match.group(1) != sample["__key__"]:
+            yield sample  # complete: the cut file's header begins the next key
+            index += 1
         if err.at_start:
             on_skip("unreadable_shard", f"{url}: {err}")
             log.warning("skipping unreadable shard %s: %s", url, err)

@@ -25,9 +25,12 @@ _COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.B
 
 
 class TarFormatError(Exception):
-    def __init__(self, message: str, at_start: bool):
+    """`member`: the name of the file whose data was cut short (its header was whole), else None."""
+
+    def __init__(self, message: str, at_start: bool, member: str | None = None):
         super().__init__(message)
         self.at_start = at_start
+        self.member = member
 
 
 def _number(field: bytes) -> int:
@@ -56,10 +59,11 @@ def _pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read(stream: BinaryIO, size: int, what: str) -> bytes:
+def _read(stream: BinaryIO, size: int, what: str, member: str | None = None) -> bytes:
     data = stream.read(size)
     if len(data) != size:
-        raise TarFormatError(f"the data ends inside {what} ({len(data)} of {size} bytes)", at_start=False)
+        raise TarFormatError(f"the data ends inside {what} ({len(data)} of {size} bytes)", at_start=False,
+                             member=member)
     return data
 
 
@@ -122,8 +126,8 @@ def iter_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 name = long_name
             if pax is not None and "path" in pax:
                 name = pax["path"]
-            data = _read(stream, size, f"file {name}")
-            _read(stream, padding, f"file {name}")
+            data = _read(stream, size, f"file {name}", name)
+            _read(stream, padding, f"file {name}", name)
             if not name.endswith("/"):  # old tars mark directories by the name alone
                 yield name, data
         elif kind in _SKIPPED_TYPES:
