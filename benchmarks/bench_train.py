@@ -66,7 +66,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "tiny_clap": dict(model="clap", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
     "tiny_clip": dict(model="clip", hidden=32, batch=32, micro_batches=1, steps=None, warmup=None),
-    "tiny_clip_b4096": dict(model="clip", hidden=32, batch=4096, micro_batches=1, steps=3, warmup=1),
+    "tiny_clip_b4096": dict(model="clip", hidden=32, batch=4096, micro_batches=1, steps=4, warmup=1),
     "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=2, warmup=1),
     "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=1, warmup=1),
 }
