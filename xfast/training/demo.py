@@ -32,7 +32,7 @@ RUNS = ("demo_clap_tiny", "demo_clip_tiny")
 # Wall time of each run through the deepspeed launcher with 2 CPU ranks (the README's table,
 # 2-core AMD EPYC): seconds in all, the start-up part of them (launcher, imports, process group,
 # model, first evaluation), and the steps trained.
-MEASURED = {"demo_clap_tiny": (174.0, 25.0, 1000), "demo_clip_tiny": (230.0, 25.0, 2000)}
+MEASURED = {"demo_clap_tiny": (117.0, 25.0, 1000), "demo_clip_tiny": (138.0, 25.0, 2000)}
 GENERATE_S = 10.0
 
 
