@@ -158,22 +158,19 @@ def _read_tar(url: str, stream, on_skip: OnSkip) -> Iterator[dict]:
             sample[ext] = data
         while stream.read(1 << 16):  # the rest: end-of-archive blocks (and draining a pipe)
             pass
-    except TarFormatError as err:
-        match = _KEY_EXT.match(err.member or "")
-        if sample is not None and match is not None and match.group(1) != sample["__key__"]:
-            yield sample  # complete: the cut file's header begins the next key
-            index += 1
-        if err.at_start:
+    except (TarFormatError, OSError, EOFError, zlib.error, lzma.LZMAError) as err:  # or a broken read/compression
+        if isinstance(err, TarFormatError):
+            match = _KEY_EXT.match(err.member or "")
+            if sample is not None and match is not None and match.group(1) != sample["__key__"]:
+                yield sample  # complete: the cut file's header begins the next key
+                index += 1
+        if getattr(err, "at_start", False):
             on_skip("unreadable_shard", f"{url}: {err}")
             log.warning("skipping unreadable shard %s: %s", url, err)
         else:
             on_skip("truncated_shard", f"{url}: {err}")
             log.warning("shard %s is truncated after %d samples: %s", url, index, err)
         return  # the sample being read may lack files: dropped
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:  # a read failure or broken compression
-        on_skip("truncated_shard", f"{url}: {err}")
-        log.warning("shard %s is truncated after %d samples: %s", url, index, err)
-        return
     if sample is not None:
         yield sample
 
