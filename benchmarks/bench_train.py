@@ -147,16 +147,10 @@ class _TorchEngine:
 def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
     """`task` in the engine of `method`: DeepSpeed ZeRO-2 (xfast), ZeRO-0 (xfast_zero0) or plain
     torch (xfast_torch), with the same AdamW (foreach) in all three."""
-    import torch
-
-    from xfast.training.engine import build_engine, deepspeed_config, param_groups
+    from xfast.training.engine import adamw, build_engine, deepspeed_config
     optim = dict(lr=1e-3, weight_decay=0.1)
     if method == "xfast_torch":
-        groups = param_groups(task, **optim)
-        for group in groups:
-            del group["names"]
-        return _TorchEngine(task, torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, foreach=True, **optim),
-                            size["micro_batches"])
+        return _TorchEngine(task, adamw(task, betas=(0.9, 0.98), eps=1e-6, **optim), size["micro_batches"])
     return build_engine(task, ds_config=deepspeed_config(
         micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
         zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0, extra=ds_extra),
@@ -379,7 +373,6 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     import torch
 
     from xfast.training.engine import init_distributed
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     size = SIZES[size_name]

@@ -163,6 +163,17 @@ def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_si
     return config
 
 
+def adamw(module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+          tower_lr: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """torch AdamW over param_groups(module). foreach: one multi-tensor update per group instead
+    of a Python loop over the parameters (the same arithmetic; ZeRO 1-3 hand the optimizer a few
+    flat tensors anyway)."""
+    groups = param_groups(module, lr=lr, weight_decay=weight_decay, tower_lr=tower_lr)
+    for group in groups:
+        del group["names"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
 def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
                  betas: tuple[float, float], eps: float, tower_lr: dict[str, float],
                  warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -173,12 +184,7 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     """
     import deepspeed
 
-    groups = param_groups(module, lr=lr, weight_decay=weight_decay, tower_lr=tower_lr)
-    for group in groups:
-        del group["names"]
-    # foreach: one multi-tensor update per group instead of a Python loop over the parameters
-    # (the same arithmetic; ZeRO 1-3 hand the optimizer a few flat tensors anyway).
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    optimizer = adamw(module, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, tower_lr=tower_lr)
     schedule = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     import_muon()  # before deepspeed.initialize imports it with its kernels compiled (deepspeed_muon.py)
