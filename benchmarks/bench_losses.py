@@ -267,8 +267,7 @@ def main(argv=None) -> int:
         parser.error("--save writes benchmarks/results/losses.*; leave out --out")
     out = RESULTS / "losses" if args.save else Path(args.out or Path(tempfile.gettempdir()) / "xfast-bench" / "losses")
 
-    with open("/proc/loadavg") as f:
-        load = float(f.read().split()[0])
+    load = os.getloadavg()[0]
     meta = {"command": " ".join(["python", "benchmarks/bench_losses.py", *(argv if argv is not None else sys.argv[1:])]),
             "load_average_1min": load, **machine()}
     peak = peak_gflops()
