@@ -170,11 +170,12 @@ def test_report_numbers_equal_xfast_eval_by_hand(study, launcher):
               "geometry": ["--task", "geometry", "--data", heldout],
               "sts": ["--task", "sts", "--data", str(study["data"] / "sts.tsv"), "--space", "sentence"]}
     # The three evaluations are independent processes (forked from the launcher): they run side by side.
-    evals = {task: (study["root"] / f"by_hand_{task}", options, launcher.start(
-        "xfast.cli", ["eval", "--ckpt", run["folder"], *options, "--out", str(study["root"] / f"by_hand_{task}"),
-                      "--no-progress"], cwd=study["root"], env=_env(study["data"])))
+    outs = {task: study["root"] / f"by_hand_{task}" for task in checks}
+    evals = {task: launcher.start("xfast.cli", ["eval", "--ckpt", run["folder"], *options, "--out", str(outs[task]),
+                                                "--no-progress"], cwd=study["root"], env=_env(study["data"]))
              for task, options in checks.items()}
-    for task, (out, options, process) in evals.items():
+    for task, process in evals.items():
+        out, options = outs[task], checks[task]
         done = process.result(timeout=300)
         assert done.returncode == 0, done.stderr
         by_hand = json.loads((out / f"{options[1]}.json").read_text())["checkpoints"]

@@ -57,7 +57,7 @@ def backward(kernel, x, y, scale, diag_bias, diag_offset, row_lse, state, grad_r
     acc = accumulation_dtype(x)
     with_cols = grad_col is not None
     # The column logsumexps and gradients travel with their block.
-    own = _with_vectors(y, state[0].to(acc), grad_col.to(acc)) if with_cols else y
+    own = _with_vectors(y, state[0], grad_col) if with_cols else y
     dx = dscale = None
     dy = RingAccumulator(ring, layout.cols, torch.add)
     for owner, block in ring.blocks(own, layout.cols):
