@@ -383,3 +383,19 @@ def test_a_program_exits_while_a_loader_with_workers_is_still_referenced(tmp_pat
     # `python -c` puts the working directory first on sys.path: tests/ and xfast/ import from root.
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 5, 2**70])
+def test_augmentation_generator_is_the_seed_sequence_of_seed_epoch_sample(seed):
+    """Seeds below 2**32 pass SeedSequence their uint32 words directly (faster); every seed must
+    give the generator of default_rng([seed, epoch, crc32(url NUL key)]), the documented draw."""
+    import zlib
+
+    stream = ShardStream(data_config("unused.tar", seed=seed), make_tokenizer(), [["unused.tar"]], rank=0,
+                         world_size=1, train=True, shared_epoch=None)
+    for epoch, key in [(0, "000001"), (3, "a/b"), (2**31, "x" * 40)]:
+        sample = {"__url__": "shards/s-0007.tar", "__key__": key}
+        ident = zlib.crc32(f"shards/s-0007.tar\0{key}".encode())
+        want = np.random.default_rng([seed, epoch, ident])
+        got = stream._augment_rng(epoch, sample)
+        np.testing.assert_array_equal(got.integers(0, 2**63, size=8), want.integers(0, 2**63, size=8))

@@ -10,9 +10,10 @@ from PIL import Image
 
 from tests.data_fixtures import audio_bytes, image_bytes
 from xfast.config import parse
+from xfast.data import image as image_module
 from xfast.data.audio import AudioTransform, LogMel, mel_filterbank, pad_or_trim
 from xfast.data.config import AudioConfig, ImageConfig
-from xfast.data.image import ImageNormalizer, ImageTransform, random_crop_box
+from xfast.data.image import ImageNormalizer, ImageTransform, center_crop_box, random_crop_box
 from xfast.data.skips import SampleSkipped
 
 # Audio ----------------------------------------------------------------------------------------
@@ -274,3 +275,83 @@ def image_from_array(values: np.ndarray) -> bytes:
 def test_other_pillow_formats_decode(fmt):
     out = ImageTransform(_image_cfg(), train=False)(image_bytes(40, 30, fmt=fmt))
     assert out.shape == (32, 32, 3) and out.std() > 10
+
+
+# The TurboJPEG path -----------------------------------------------------------------------------
+
+def _jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 7 % 256, y * 5 % 256, (x * y) % 256], -1) + rng.integers(0, 48, size=(height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode).save(out, format="JPEG", **save)
+    return out.getvalue()
+
+
+def _pillow_transform(cfg, train: bool, data: bytes, rng=None) -> np.ndarray:
+    """The plain reference: Pillow decodes (with the same draft request), crops and resizes."""
+    image = Image.open(io.BytesIO(data))
+    if cfg.jpeg_draft:
+        need = cfg.size if not train else int(np.ceil(cfg.size / np.sqrt(cfg.train_crop_scale[0])))
+        image.draft("RGB", (need, need))
+    image = image.convert("RGB")
+    box = (random_crop_box(*image.size, cfg.train_crop_scale, cfg.train_crop_ratio, rng) if train
+           else center_crop_box(*image.size))
+    return np.asarray(image.resize((cfg.size, cfg.size), Image.Resampling.BICUBIC, box=box))
+
+
+JPEG_CASES = [dict(width=w, height=h, mode=mode, subsampling=sub, progressive=prog, quality=q)
+              for (w, h) in [(64, 64), (53, 37), (9, 17), (1, 1), (130, 70)]
+              for mode, sub in [("RGB", 0), ("RGB", 1), ("RGB", 2), ("L", 0)]
+              for prog, q in [(False, 90), (True, 40)]]
+
+
+@pytest.fixture
+def turbo_calls(monkeypatch):
+    """Counts the images the TurboJPEG path decodes (after the once-per-process probe)."""
+    image_module.turbo_matches_pillow()
+    calls = []
+    decode = image_module._turbo_decode
+    monkeypatch.setattr(image_module, "_turbo_decode", lambda data: calls.append(1) or decode(data))
+    return calls
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_turbo_jpeg_path_gives_pillows_pixels(draft, turbo_calls):
+    """Every chroma subsampling, grey, progressive, odd and 1-pixel sizes, train and eval, with and
+    without drafts: the same uint8 pixels as Pillow's own decode, and the fast path really ran."""
+    assert image_module.turbo_matches_pillow()
+    cfg = _image_cfg(size=24, jpeg_draft=draft)
+    for i, case in enumerate(JPEG_CASES):
+        case = dict(case)
+        data = _jpeg(case.pop("width"), case.pop("height"), seed=i, mode=case.pop("mode"), **case)
+        np.testing.assert_array_equal(ImageTransform(cfg, train=False)(data), _pillow_transform(cfg, False, data))
+        np.testing.assert_array_equal(ImageTransform(cfg, train=True)(data, np.random.default_rng(i)),
+                                      _pillow_transform(cfg, True, data, np.random.default_rng(i)))
+    # With drafts, JPEGs of >= 2x the side needed (24 eval, 26 train) decode at a reduced scale: Pillow's
+    # draft does that (64x64 and 130x70 here), TurboJPEG the rest.
+    reduced = sum(1 for c in JPEG_CASES for need in (24, 26) if draft and min(c["width"], c["height"]) // need >= 2)
+    assert reduced == (32 if draft else 0)
+    assert len(turbo_calls) == 2 * len(JPEG_CASES) - reduced
+
+
+def test_jpegs_turbojpeg_refuses_or_leaves_to_pillow_decode_as_pillow_does(monkeypatch, turbo_calls):
+    cfg = _image_cfg()
+    clean = _jpeg(40, 30)
+    # Junk before the end marker: libjpeg warns, TurboJPEG (strict) refuses, Pillow decodes it.
+    junk = clean[:-2] + b"\x00\x01\x02\x03" + clean[-2:]
+    cmyk = _jpeg(40, 30, mode="CMYK")  # Pillow inverts Adobe CMYK and converts it itself
+    for data in (junk, cmyk):
+        np.testing.assert_array_equal(ImageTransform(cfg, train=False)(data), _pillow_transform(cfg, False, data))
+    assert len(turbo_calls) == 1  # tried on the junk one only, then left to Pillow
+    # Where the probe found other pixels (another libjpeg-turbo build), Pillow decodes every JPEG.
+    monkeypatch.setattr(image_module, "turbo_matches_pillow", lambda: False)
+    np.testing.assert_array_equal(ImageTransform(cfg, train=False)(clean), _pillow_transform(cfg, False, clean))
+    assert len(turbo_calls) == 1
+
+
+def test_jpeg_above_the_decompression_bomb_limit_is_skipped(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+    with pytest.raises(SampleSkipped) as info:
+        ImageTransform(_image_cfg(), train=False)(_jpeg(40, 30))
+    assert info.value.kind == "corrupt_image" and "decompression bomb" in str(info.value)

@@ -4,14 +4,24 @@ Evaluation: resize the shorter side to `size`, centre crop `size` x `size`. Trai
 resized crop (torchvision's sampling scheme: area fraction in `scale`, log-uniform aspect
 ratio in `ratio`, 10 tries, then a centre crop) resized to `size` x `size`. Both crop and
 resize happen in one Pillow `resize(box=...)` call. Normalisation is done per batch.
+
+Baseline and progressive YCbCr/grey JPEGs decoded at full scale go through libjpeg-turbo's
+TurboJPEG API (simplejpeg) instead of Pillow's decoder: the same library with the settings
+Pillow uses (accurate integer IDCT, fancy upsampling), so the same pixels, at a quarter of the
+time on small images (Pillow parses the JPEG markers in Python). Each process checks once that
+both give the same pixels on probe images and keeps Pillow's decoder where they do not. Other
+JPEGs (CMYK, reduced-scale drafts, anything simplejpeg rejects) and other formats use Pillow.
 """
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import warnings
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -20,6 +30,10 @@ from xfast.data.skips import SampleSkipped
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_JPEG_START = b"\xff\xd8"
+_TURBO_COLORSPACES = ("YCbCr", "Gray")  # CMYK/YCCK: Pillow inverts Adobe CMYK and converts it itself
+
+log = logging.getLogger("xfast.data")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -70,6 +84,41 @@ def random_crop_box(width: int, height: int, scale: list[float], ratio: list[flo
     return (left, top, left + w, top + h)
 
 
+def _turbo_decode(data: bytes) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from libjpeg-turbo with Pillow's decoder settings."""
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(to_rgb(Image.open(io.BytesIO(data))))
+
+
+@functools.cache
+def turbo_matches_pillow() -> bool:
+    """Whether the TurboJPEG path gives Pillow's pixels here (their bundled libjpeg-turbo builds
+    could differ): probe JPEGs in every chroma subsampling, grey, progressive, odd sizes."""
+    y, x = np.mgrid[0:37, 0:53]
+    rgb = np.stack([x * 5 % 256, y * 7 % 256, (x * y) % 256], -1).astype(np.uint8)
+    probes = []
+    for subsampling in (0, 1, 2):
+        for progressive in (False, True):
+            out = io.BytesIO()
+            Image.fromarray(rgb).save(out, "JPEG", quality=85, subsampling=subsampling, progressive=progressive)
+            probes.append(out.getvalue())
+    out = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).save(out, "JPEG", quality=85)
+    probes.append(out.getvalue())
+    try:
+        same = all(np.array_equal(_turbo_decode(p), _pillow_rgb(p)) for p in probes)
+    except Exception as err:  # a broken simplejpeg install: Pillow decodes everything
+        log.warning("simplejpeg fails on probe JPEGs (%r): JPEGs are decoded with Pillow", err)
+        return False
+    if not same:
+        log.warning("simplejpeg's libjpeg-turbo decodes probe JPEGs differently from Pillow's: JPEGs are decoded "
+                    "with Pillow (slower)")
+    return same
+
+
 class ImageTransform:
     """bytes -> uint8 array [size, size, 3]; `rng` drives the training crop."""
 
@@ -80,17 +129,9 @@ class ImageTransform:
 
     def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
         size = self.cfg.size
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                if self.cfg.jpeg_draft and image.format == "JPEG":
-                    # Decode at the smallest DCT scale whose crop still covers `size` pixels.
-                    need = size if not self.train else math.ceil(size / math.sqrt(self.cfg.train_crop_scale[0]))
-                    image.draft("RGB", (need, need))
-                image = to_rgb(image)  # decodes
-        except Exception as err:  # Pillow raises many types for broken files
-            raise SampleSkipped("corrupt_image", str(err)) from None
+        image = self._turbo_jpeg(data) if data[:2] == _JPEG_START else None
+        if image is None:
+            image = self._pillow(data)
         width, height = image.size
         if width < 1 or height < 1:
             raise SampleSkipped("corrupt_image", f"empty image {width}x{height}")
@@ -99,7 +140,48 @@ class ImageTransform:
         else:
             box = center_crop_box(width, height)
         image = image.resize((size, size), self.filter, box=box)
-        return np.asarray(image, dtype=np.uint8)
+        return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size, size, 3)
+
+    def _draft_side(self) -> int:
+        """The side a JPEG draft must still cover: the output, or the smallest training crop's side."""
+        size = self.cfg.size
+        return size if not self.train else math.ceil(size / math.sqrt(self.cfg.train_crop_scale[0]))
+
+    def _turbo_jpeg(self, data: bytes) -> Image.Image | None:
+        """The decoded JPEG through TurboJPEG, or None where Pillow must decode it: where Pillow's
+        draft would reduce the scale, above Pillow's decompression-bomb limit, for colour spaces
+        Pillow converts itself, and for data TurboJPEG rejects (Pillow then decides: it accepts
+        some JPEGs with warnings)."""
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except Exception:  # not a JPEG TurboJPEG reads
+            return None
+        if colorspace not in _TURBO_COLORSPACES or not turbo_matches_pillow():
+            return None
+        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+            return None
+        if self.cfg.jpeg_draft:
+            need = self._draft_side()
+            if min(width // need, height // need) >= 2:  # Pillow's draft would decode at 1/2 .. 1/8 scale
+                return None
+        try:
+            pixels = _turbo_decode(data)
+        except Exception:
+            return None
+        return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+
+    def _pillow(self, data: bytes) -> Image.Image:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                if self.cfg.jpeg_draft and image.format == "JPEG":
+                    # Decode at the smallest DCT scale whose crop still covers `size` pixels.
+                    need = self._draft_side()
+                    image.draft("RGB", (need, need))
+                return to_rgb(image)  # decodes
+        except Exception as err:  # Pillow raises many types for broken files
+            raise SampleSkipped("corrupt_image", str(err)) from None
 
 
 class ImageNormalizer:
