@@ -355,3 +355,12 @@ def test_jpeg_above_the_decompression_bomb_limit_is_skipped(monkeypatch):
     with pytest.raises(SampleSkipped) as info:
         ImageTransform(_image_cfg(), train=False)(_jpeg(40, 30))
     assert info.value.kind == "corrupt_image" and "decompression bomb" in str(info.value)
+
+
+def test_normalizer_in_shared_memory_gives_the_same_batch():
+    """In a DataLoader worker the batch is built in shared memory (nothing copied on sending)."""
+    cfg = parse(ImageConfig, {}, "image")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 7, 5, 3), dtype=np.uint8)
+    shared = ImageNormalizer(cfg)(pixels, shared=True)
+    assert shared.is_shared() and shared.is_contiguous() and shared.shape == (3, 3, 7, 5)
+    assert torch.equal(shared, ImageNormalizer(cfg)(pixels))

@@ -194,7 +194,20 @@ class ImageNormalizer:
         self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
         self.shift = (-mean / std).view(1, 3, 1, 1)
 
-    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        # Channels first on the uint8 bytes (a quarter of the float copy), then one float pass.
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float()
+    def __call__(self, pixels: np.ndarray, shared: bool = False) -> torch.Tensor:
+        """shared: build the batch in shared memory (in a DataLoader worker: sending it to the
+        training process then copies nothing, as torch's default_collate does there)."""
+        if shared:
+            batch = shared_empty((pixels.shape[0], 3, *pixels.shape[1:3]), torch.float32)
+            batch.copy_(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        else:
+            # Channels first on the uint8 bytes (a quarter of the float copy), then one float pass.
+            batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float()
         return batch.mul_(self.scale).add_(self.shift)
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in shared memory."""
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from xfast.data.audio import AUDIO_EXTENSIONS, AudioTransform, LogMel
 from xfast.data.config import DataConfig
-from xfast.data.image import IMAGE_EXTENSIONS, ImageNormalizer, ImageTransform
+from xfast.data.image import IMAGE_EXTENSIONS, ImageNormalizer, ImageTransform, shared_empty
 from xfast.data.skips import SampleSkipped
 from xfast.data.text import Tokenize, find_captions, find_tags, nli_triplet, sentence
 
@@ -69,7 +70,8 @@ class ImageCaptionProcessor(_CaptionedMedia):
 
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
-        batch["pixel_values"] = self.normalize(np.stack([item["pixels"] for item in items]))
+        batch["pixel_values"] = self.normalize(np.stack([item["pixels"] for item in items]),
+                                               shared=get_worker_info() is not None)
         return batch
 
 
@@ -92,7 +94,13 @@ class AudioCaptionProcessor(_CaptionedMedia):
 
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
-        audio = torch.from_numpy(np.stack([item["audio"] for item in items]))
+        clips = [item["audio"] for item in items]
+        if get_worker_info() is not None:  # stacked into shared memory: sent to the training process without a copy
+            dtype = torch.from_numpy(np.empty(0, dtype=np.result_type(*clips))).dtype
+            audio = shared_empty((len(clips), *clips[0].shape), dtype)
+            np.stack(clips, out=audio.numpy())
+        else:
+            audio = torch.from_numpy(np.stack(clips))
         if self.logmel is not None:
             batch["input_features"] = audio[:, None]  # [B, 1, frames, n_mels]
         else:
