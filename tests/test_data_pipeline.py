@@ -399,3 +399,21 @@ def test_augmentation_generator_is_the_seed_sequence_of_seed_epoch_sample(seed):
         want = np.random.default_rng([seed, epoch, ident])
         got = stream._augment_rng(epoch, sample)
         np.testing.assert_array_equal(got.integers(0, 2**63, size=8), want.integers(0, 2**63, size=8))
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, modality):
+    """Workers build image/audio batches in shared memory (nothing copied on sending): 1 worker
+    (one slot, the same order) gives exactly the tensors of the in-process loader."""
+    make = image_samples if modality == "image" else audio_samples
+    pattern = write_shards(tmp_path, [5, 6], make=make)
+    runs = []
+    for workers in (0, 1):
+        cfg = data_config(pattern, modality=modality, num_workers=workers, persistent_workers=False, drop_last=False)
+        runs.append(list(build_loader(cfg, tokenizer, train=True)))
+    media = "pixel_values" if modality == "image" else "input_features"
+    assert len(runs[0]) == len(runs[1]) == 3
+    for in_process, from_worker in zip(*runs):
+        assert in_process["__key__"] == from_worker["__key__"]
+        for key in (media, "input_ids", "attention_mask"):
+            assert from_worker[key].dtype == in_process[key].dtype and torch.equal(from_worker[key], in_process[key])
