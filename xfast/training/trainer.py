@@ -35,6 +35,7 @@ from xfast.training.evaluation import PeriodicEvaluation
 from xfast.training.faults import fault_point
 from xfast.training.logging import TrainLogger, setup_output
 from xfast.training.preflight import check_free_space, check_writable
+from xfast.training.process import keep_freed_memory, torch_threads
 from xfast.training.signals import GracefulStop
 from xfast.training.streams import Streams, batch_rows
 from xfast.training.task import ContrastiveTask
@@ -58,8 +59,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         setup_output(cfg.logging.progress_bar)  # before any library draws a bar or warns
+        keep_freed_memory()  # before the first large allocations and before the loaders fork their workers
         self.rank, self.world = init_distributed()
-        _share_cores_between_local_ranks()
+        _share_cores(loader_workers=sum(s.num_workers for s in (cfg.data, cfg.sentence_data, cfg.nli_data) if s))
         self.output = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.output / "checkpoints", cfg.checkpoint.keep_last, self.rank,
                                              self.world, every_steps=cfg.checkpoint.every_steps)
@@ -235,13 +237,13 @@ class Trainer:
         replace_dir(out_dir, write)
 
 
-def _share_cores_between_local_ranks() -> None:
+def _share_cores(loader_workers: int) -> None:
     if "OMP_NUM_THREADS" not in os.environ:
-        # Ranks on one machine share its cores (the deepspeed launcher leaves this to the user
-        # unless --bind_cores_to_rank; torchrun sets OMP_NUM_THREADS=1): oversubscribing them
-        # makes every rank slower.
+        # Ranks on one machine and their loader workers share its cores (the deepspeed launcher
+        # leaves this to the user unless --bind_cores_to_rank; torchrun sets OMP_NUM_THREADS=1):
+        # oversubscribing them makes every rank slower.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        torch.set_num_threads(torch_threads(local_ranks, loader_workers))
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:

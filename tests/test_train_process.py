@@ -1,0 +1,102 @@
+"""xfast.training.process: the malloc settings of a training process and its thread count."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xfast.training import process
+
+# Runs in a fresh interpreter (mallopt settings are process-wide and cannot be undone): mallinfo2
+# tells where a 64 MiB block came from (hblkhd: bytes in mmapped blocks; fordblks: free bytes kept
+# in the heap), with and without keep_freed_memory, in the process and in a child it forks.
+PROBE = textwrap.dedent("""
+    import ctypes, json, os, sys
+    from xfast.training.process import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    BLOCK = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
+
+    def where():
+        before = libc.mallinfo2()
+        block = libc.malloc(BLOCK)
+        ctypes.memset(block, 1, BLOCK)
+        held = libc.mallinfo2()
+        libc.free(block)
+        after = libc.mallinfo2()
+        return {"mmapped": held.hblkhd - before.hblkhd, "kept_after_free": after.fordblks}
+
+    result = {"set": keep_freed_memory() if sys.argv[1] == "tune" else None, "parent": where()}
+    pid = os.fork()
+    if pid == 0:
+        print(json.dumps(where()), file=open(sys.argv[2], "w"))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    result["child"] = json.load(open(sys.argv[2]))
+    print(json.dumps(result))
+""")
+
+BLOCK = 64 << 20
+
+
+def _probe(tmp_path, mode: str, **env) -> dict:
+    import json
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "XFAST_MALLOC"))}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(tmp_path / "child.json")], capture_output=True,
+                         text=True, env={**environ, **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                                reason="mallopt/mallinfo2 are glibc's")
+
+
+@glibc_only
+def test_glibc_defaults_map_and_unmap_a_large_block(tmp_path):
+    # the control: without the settings a 64 MiB block is mmapped and given back on free
+    result = _probe(tmp_path, "plain")
+    for side in ("parent", "child"):
+        assert result[side]["mmapped"] >= BLOCK
+        assert result[side]["kept_after_free"] < BLOCK
+
+
+@glibc_only
+def test_keep_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(tmp_path):
+    result = _probe(tmp_path, "tune")
+    assert result["set"] is True
+    for side in ("parent", "child"):  # a forked loader worker inherits the settings
+        assert result[side]["mmapped"] == 0
+        assert result[side]["kept_after_free"] >= BLOCK
+
+
+@glibc_only
+@pytest.mark.parametrize("env", [{"XFAST_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
+def test_the_user_opts_out_or_sets_glibc_s_own_variables(tmp_path, env):
+    result = _probe(tmp_path, "tune", **env)
+    assert result["set"] is False
+    assert result["parent"]["mmapped"] >= BLOCK
+
+
+@pytest.mark.parametrize("cores, ranks, workers, threads", [
+    (2, 1, 1, 1),  # the demo: 1 rank and its loader worker on 2 cores
+    (2, 1, 0, 2),
+    (2, 2, 1, 1),  # never below 1
+    (16, 2, 3, 5),
+    (16, 1, 0, 16),
+])
+def test_torch_threads_share_the_cores_with_ranks_and_loader_workers(monkeypatch, cores, ranks, workers, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert process.torch_threads(ranks, workers) == threads

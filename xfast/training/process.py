@@ -1,0 +1,49 @@
+"""Process-wide settings of a training process: torch's thread count and how glibc's malloc
+returns freed memory. The Trainer sets both once, before its loaders fork their workers (forked
+workers inherit the malloc settings)."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+MALLOC_ENV = "XFAST_MALLOC"  # "default": leave glibc's malloc settings as they are
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_GLIBC_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for the next step; True if it was set.
+
+    By default glibc serves each block above its mmap threshold (128 KiB, growing to at most 32 MiB)
+    with a fresh mmap and unmaps it on free, and gives the top of the heap back to the OS once
+    128 KiB of it are free. A training step frees its activations and gradients and allocates
+    them again at the next step, so every step faults their pages in anew (minor page faults,
+    kernel time; counted by benchmarks/bench_train.py). Here blocks up to 1 GiB come from the heap
+    and freed memory is kept up to 2 GiB, so after the first steps a step reuses its pages. The cost:
+    the process keeps its peak heap (up to 2 GiB more than it uses at a time) instead of shrinking
+    between steps. Nothing is done off glibc, when XFAST_MALLOC=default, or when the user set
+    glibc's own MALLOC_* variables or GLIBC_TUNABLES (theirs win)."""
+    if os.environ.get(MALLOC_ENV, "").lower() == "default" or any(k in os.environ for k in _GLIBC_MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc (musl, macOS)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mallopt takes an int: 2**31 - 1 is its largest trim threshold (bytes)
+    settings = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20))
+    return all([mallopt(param, value) == 1 for param, value in settings])
+
+
+def torch_threads(local_ranks: int, loader_workers: int) -> int:
+    """Threads for torch in each of `local_ranks` ranks on this machine: the cores this process may
+    run on, shared between the ranks, less one per loader worker of the rank (they decode and
+    collate while the step runs), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_ranks) - loader_workers)
