@@ -1,12 +1,19 @@
 """Training throughput of xfast against a plain transformers loop and open_clip-style training.
 
-Every measurement is one (size, method) pair run in its own subprocess(es); methods alternate
-over --repeat rounds and the best round is kept (on a shared machine, the least disturbed one;
-every round is in the JSON). All methods read batches from xfast.data's loader over the
-built-in demo data (the demo config's worker count), so "data wait" (the share of wall time
-spent waiting for the next batch) is comparable. Each result also holds the CPU per step of the
-training process (step_cpu_ms) and of its loader workers (loader_cpu_ms): with 1 loader worker at the
-tiny sizes the worker is about as busy as the step, so wall time follows whichever is slower.
+Every measurement is one (size, method) pair run in its own subprocess(es); each of --repeat
+rounds runs every method once, in an order that rotates from round to round. The ratio to the
+transformers loop is taken per round (the two ran at most minutes apart) and its median over
+the rounds is the reported figure; the best round of each method and best/best are kept too
+(every round is in the JSON). On this kind of machine one process can run 45% faster than the
+next, so a best-of over a few rounds is mostly noise. All methods read batches from xfast.data's
+loader over the built-in demo data (the demo config's worker count), so "data wait" (the share
+of wall time spent waiting for the next batch) is comparable. Each result also holds, per step,
+the CPU of the training process (step_cpu_ms, of it in the kernel: step_sys_ms) and of its
+loader workers (loader_cpu_ms), and their minor page faults (step_faults, loader_faults): with 1
+loader worker at the tiny sizes the worker is about as busy as the step, so wall time follows
+whichever is slower. The xfast methods run with xfast's malloc settings, as the Trainer
+(xfast.training.process.keep_freed_memory); the baselines with glibc's defaults unless
+--malloc all (--malloc none: glibc's defaults everywhere).
 
 Sizes (SIZES):
   tiny_clap, tiny_clip  the demo's towers: hidden 32, 2 layers, batch 32. CLAP = RoBERTa +
@@ -498,7 +505,8 @@ def summarize(runs: dict, sizes, methods_of, paired: dict) -> list[dict]:
 
 
 HEADER = ("Training throughput on CPU: 1 thread per process (2-rank methods: 2 processes), best of "
-          "alternating rounds on a shared machine; demo data through xfast.data. vs transformers: the median "
+          "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
+          "xfast methods only (unless the command says --malloc). vs transformers: the median "
           "over rounds of each round's ratio (every round runs each method once, in rotating order), then "
           "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "

@@ -16,6 +16,10 @@ Everything a run does comes from one JSON config (`--help-config` lists every ke
 validated before any work starts and saved as OUTPUT/config.json. Running the same command
 again resumes from OUTPUT/checkpoints/latest: weights, optimizer, scheduler, RNG and the exact
 data position.
+
+Process settings (xfast.training.process): torch threads = cores per local rank less the rank's
+loader workers unless OMP_NUM_THREADS is set; on glibc, malloc keeps freed memory for the next
+step (XFAST_MALLOC=default keeps glibc's own settings).
 """
 from __future__ import annotations
 
