@@ -195,6 +195,16 @@ void tile_gemm_floor(const at::Tensor& x, const at::Tensor& y, int64_t gemms_per
   });
 }
 
+// exp of values <= 0 with the tile kernels' own exp (the variant in use; tests).
+at::Tensor tile_exp(const at::Tensor& v) {
+  TORCH_CHECK(v.device().is_cpu() && (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble),
+              "tile_exp takes a float32 or float64 CPU tensor");
+  at::Tensor out = v.contiguous().clone();
+  if (out.scalar_type() == at::kDouble) tile_kernels<double>().exp(out.data_ptr<double>(), out.numel());
+  else tile_kernels<float>().exp(out.data_ptr<float>(), out.numel());
+  return out;
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& y, double scale,
                                 double diag_bias, int64_t diag_offset, bool with_cols,
                                 int64_t block_rows, int64_t block_cols) {
@@ -239,6 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_gemm_floor", &tile_gemm_floor,
         "only the kernel's GEMMs: gemms_per_tile x @ y.T tiles into one reused tile per thread",
         py::arg("x"), py::arg("y"), py::arg("gemms_per_tile"), py::arg("block_rows"), py::arg("block_cols"));
+  m.def("tile_exp", &tile_exp, "exp of values <= 0 as the tile kernels compute it (tests)", py::arg("v"));
   m.def("tile_isa", &xfast::tile_isa, "instruction set of the float32 tile kernels in use");
   m.def("supported_tile_isas", &xfast::supported_tile_isas, "tile kernel variants this CPU runs, best first");
   m.def("select_tile_isa", &xfast::select_tile_isa, "switch the float32 tile kernels (tests)", py::arg("isa"));

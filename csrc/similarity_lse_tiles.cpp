@@ -17,23 +17,25 @@
 namespace xfast {
 namespace {
 
-// exp(x) for x <= 88: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial
-// (< 1 ulp of float), 2^n built in the exponent bits. x < -87 (also -inf) gives exactly 0
-// (the callers' margins, kMargin, make that flush harmless), through an integer mask so the
-// body is branch-free.
+// exp(x) for x <= 0: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and
+// exp(r) ~ 1 + r + r^2 q(r) with q of degree 4 fitted to (exp(r) - 1 - r) / r^2 for the
+// least relative error (3.8e-9 with these float32 coefficients), evaluated in Estrin's
+// order (4 dependent steps instead of Horner's 6: the tile kernels ran 9-10% faster than with the
+// former degree-7 Horner polynomial). Error bound: 3.8e-9 (polynomial) + ~1e-8 (reduction)
+// + 3 roundings of 2^-24 in the evaluation < 2^-22 relative; measured over every float in
+// [-87, 0]: 1.19e-7 (tests/test_cpu_similarity_lse.py checks 2^-22 on every variant).
+// 2^n is built in the exponent bits; x < -87 (also -inf) gives exactly 0 (the callers'
+// margins, kMargin, make that flush harmless), through an integer mask so the body is
+// branch-free.
 #pragma omp declare simd notinbranch
 inline float exp_nonpos(float x) {
   const float xc = std::max(x, -87.0f);
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.98412698e-4f;
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float r2 = r * r;
+  const float q = (4.999998808e-01f + 1.666651815e-01f * r) +
+                  r2 * ((4.166950658e-02f + 8.368914947e-03f * r) + r2 * 1.375296968e-03f);
+  const float p = (1.0f + r) + r2 * q;
   const int32_t keep = -static_cast<int32_t>(x >= -87.0f);  // all ones, or 0 to flush
   const int32_t bits = ((static_cast<int32_t>(n) + 127) << 23) & keep;
   float two_n;
@@ -210,6 +212,13 @@ inline T backward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t di
   return dz;
 }
 
+// exp of n values <= 0 in place, the tile loops' exp on its own (tests check its error bound).
+template <typename T>
+inline void exp_values(T* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = exp_nonpos(v[i]);
+}
+
 // One set of entry points per instruction set. `flatten` inlines the templates above into
 // each, so their loops are compiled (and vectorised) for that target; extern "C" names keep
 // them easy to find in the built extension's disassembly.
@@ -224,7 +233,11 @@ inline T backward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t di
       const float* col_lse, const float* g_row, const float* g_col, float* scratch) {                           \
     return backward_tile<float>(z, rows, cols, diag_bias, diag_col0, row_lse, col_lse, g_row, g_col, scratch);  \
   }                                                                                                              \
-  const TileKernels<float> kTiles_##SUFFIX{xfast_forward_tile_f32_##SUFFIX, xfast_backward_tile_f32_##SUFFIX};
+  extern "C" __attribute__((__VA_ARGS__)) void xfast_exp_f32_##SUFFIX(float* v, int64_t n) {              \
+    exp_values<float>(v, n);                                                                                     \
+  }                                                                                                              \
+  const TileKernels<float> kTiles_##SUFFIX{xfast_forward_tile_f32_##SUFFIX, xfast_backward_tile_f32_##SUFFIX,     \
+                                           xfast_exp_f32_##SUFFIX};
 
 XFAST_TILE_VARIANT(baseline, flatten)
 #if defined(__x86_64__) || defined(__i386__)
@@ -233,7 +246,7 @@ XFAST_TILE_VARIANT(avx512, flatten, target("avx512f,avx2,fma"))
 #endif
 #undef XFAST_TILE_VARIANT
 
-const TileKernels<double> kTilesDouble{forward_tile<double>, backward_tile<double>};
+const TileKernels<double> kTilesDouble{forward_tile<double>, backward_tile<double>, exp_values<double>};
 
 struct Variant {
   const char* name;

@@ -26,6 +26,8 @@ struct TileKernels {
   // tile's share of dL/dscale. scratch: cols values.
   T (*backward)(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, const T* row_lse, const T* col_lse,
                 const T* g_row, const T* g_col, T* scratch);
+  // v[i] = exp(v[i]) for n values <= 0: the exp the tile loops use (its error bound is tested).
+  void (*exp)(T* v, int64_t n);
 };
 
 // The variant in use: "avx512", "avx2_fma" or "baseline" (float32; float64 is always baseline).

@@ -39,7 +39,7 @@ EXP_CALLS = {"forward": 5, "backward": 6}
 MAX_LOOPS = {"forward": 2}
 # Register of each variant's main loops; baseline x86-64 has SSE2 and no FMA.
 VECTOR_REGISTER = {"avx512": "zmm", "avx2_fma": "ymm", "baseline": "xmm"}
-POLYNOMIAL_DEGREE = 7  # Horner steps per exp: one FMA each where the variant has FMA
+POLYNOMIAL_FMAS = 5  # FMAs of exp's polynomial (Estrin's order), where the variant has FMA
 
 
 @lru_cache(maxsize=1)
@@ -82,9 +82,32 @@ def test_every_variant_vectorises_its_exp_loops(kind, isa):
         assert count(instructions, r"%[yz]mm") == 0, "the baseline variant must run on any x86-64"
     else:
         fmas = count(instructions, rf"\bvfn?madd\w*ps\s.*%{reg}")
-        assert fmas >= POLYNOMIAL_DEGREE * EXP_CALLS[kind], f"{name}: only {fmas} packed FMAs on {reg}"
+        assert fmas >= POLYNOMIAL_FMAS * EXP_CALLS[kind], f"{name}: only {fmas} packed FMAs on {reg}"
         if isa == "avx2_fma":
             assert count(instructions, r"%zmm") == 0, "the AVX2 variant must run on CPUs without AVX-512"
+
+
+# The tile kernels' float32 exp (csrc/similarity_lse_tiles.cpp): polynomial error 3.8e-9, the
+# reduction ~1e-8 and three float32 roundings (3 * 2^-24) in evaluating it add up to less than
+# 2^-22 relative; below -87 it flushes to exactly 0.
+EXP_RELATIVE_ERROR = 2.0**-22
+
+
+def test_every_variant_keeps_the_exp_error_bound(restore_isa):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.linspace(-87.0, 0.0, 1_000_001),
+        -87.0 * torch.rand(1_000_000, generator=g),
+        -(10.0 ** torch.empty(1_000_000).uniform_(-30, 1.9, generator=g)),  # small magnitudes
+        torch.tensor([0.0, -0.0, -1e-45, -87.0]),
+    ])
+    exact = torch.exp(x.double())
+    for isa in _C.supported_tile_isas():
+        _C.select_tile_isa(isa)
+        rel = ((_C.tile_exp(x).double() - exact).abs() / exact).max().item()
+        assert rel <= EXP_RELATIVE_ERROR, f"{isa}: exp relative error {rel:.3g} > {EXP_RELATIVE_ERROR:.3g}"
+        flushed = _C.tile_exp(torch.tensor([-87.5, -100.0, -1e30, -float("inf")]))
+        assert torch.equal(flushed, torch.zeros(4)), f"{isa}: exp below -87 gave {flushed.tolist()}, not 0"
 
 
 def cpu_flags() -> set[str]:
