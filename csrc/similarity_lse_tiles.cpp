@@ -80,8 +80,9 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t 
     const T col_max_before = biased && with_cols ? col_max[dc] : T(0);
     T m = neg_inf;
     // Row and column maxima in one read of the row; the biased element is redone below.
-    // A ternary, not std::max, for the column: gcc 12 leaves this loop scalar when std::max
-    // takes the array element (the disassembly test counts its packed maxima).
+    // std::max only on locals: gcc 12 leaves a loop scalar when std::max takes an array
+    // element (by reference), hence the ternary for the column and the copy v for the rows
+    // (the disassembly test counts the packed maxima).
     if (with_cols) {
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) {
@@ -91,7 +92,10 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t 
       }
     } else {
 #pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < cols; ++c) m = std::max(m, zr[c]);
+      for (int64_t c = 0; c < cols; ++c) {
+        const T v = zr[c];
+        m = std::max(m, v);
+      }
     }
     if (biased) {
       // The row max may keep the unbiased value (an upper bound is a valid shift); the
