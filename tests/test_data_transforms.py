@@ -335,6 +335,43 @@ def test_turbo_jpeg_path_gives_pillows_pixels(draft, turbo_calls):
     assert len(turbo_calls) == 2 * len(JPEG_CASES) - reduced
 
 
+@pytest.mark.parametrize("subsampling", ["440", "411"])
+def test_subsamplings_pillow_does_not_write_decode_as_pillow_does(subsampling, turbo_calls):
+    """4:4:0 (e.g. a 4:2:2 photo rotated losslessly) and 4:1:1 take the TurboJPEG path too (the
+    probe covers them): the same pixels as Pillow's own decode."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    rgb = np.random.default_rng(3).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    data = simplejpeg.encode_jpeg(rgb, quality=90, colorsubsampling=subsampling)
+    cfg = _image_cfg(size=24)
+    np.testing.assert_array_equal(ImageTransform(cfg, train=False)(data), _pillow_transform(cfg, False, data))
+    assert len(turbo_calls) == 1
+
+
+def test_without_simplejpeg_pillow_decodes_every_jpeg(monkeypatch, caplog):
+    """A missing (or unbuildable) simplejpeg costs speed, not samples: one warning, Pillow's pixels."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_simplejpeg(name, *args, **kwargs):
+        if name == "simplejpeg":
+            raise ImportError("No module named 'simplejpeg'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_simplejpeg)
+    image_module.turbo_matches_pillow.cache_clear()
+    try:
+        cfg = _image_cfg()
+        data = _jpeg(40, 30)
+        with caplog.at_level("WARNING", logger="xfast.data"):
+            transform = ImageTransform(cfg, train=False)
+            out = transform(data)
+        np.testing.assert_array_equal(out, _pillow_transform(cfg, False, data))
+        assert [r.getMessage() for r in caplog.records if "simplejpeg cannot be imported" in r.getMessage()] != []
+    finally:
+        monkeypatch.undo()
+        image_module.turbo_matches_pillow.cache_clear()
+
+
 def test_jpegs_turbojpeg_refuses_or_leaves_to_pillow_decode_as_pillow_does(monkeypatch, turbo_calls):
     cfg = _image_cfg()
     clean = _jpeg(40, 30)

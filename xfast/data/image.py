@@ -7,7 +7,7 @@ resize happen in one Pillow `resize(box=...)` call. Normalisation is done per ba
 
 Baseline and progressive YCbCr/grey JPEGs decoded at full scale go through libjpeg-turbo's
 TurboJPEG API (simplejpeg) instead of Pillow's decoder: the same library with the settings
-Pillow uses (accurate integer IDCT, fancy upsampling), so the same pixels, at a quarter of the
+Pillow uses (accurate integer IDCT, fancy upsampling), so the same pixels, at about a fifth of the
 time on small images (Pillow parses the JPEG markers in Python). Each process checks once that
 both give the same pixels on probe images and keeps Pillow's decoder where they do not. Other
 JPEGs (CMYK, reduced-scale drafts, anything simplejpeg rejects) and other formats use Pillow.
@@ -21,7 +21,6 @@ import math
 import warnings
 
 import numpy as np
-import simplejpeg
 import torch
 from PIL import Image
 
@@ -32,6 +31,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _JPEG_START = b"\xff\xd8"
 _TURBO_COLORSPACES = ("YCbCr", "Gray")  # CMYK/YCCK: Pillow inverts Adobe CMYK and converts it itself
+_PROBED_SUBSAMPLINGS = ("444", "422", "420", "440", "411", "Gray")  # those turbo_matches_pillow checks
 
 log = logging.getLogger("xfast.data")
 
@@ -85,8 +85,11 @@ def random_crop_box(width: int, height: int, scale: list[float], ratio: list[flo
 
 
 def _turbo_decode(data: bytes) -> np.ndarray:
-    """RGB uint8 [H, W, 3] from libjpeg-turbo with Pillow's decoder settings."""
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    """RGB uint8 [H, W, 3] from libjpeg-turbo with Pillow's decoder settings; strict: libjpeg's
+    warnings (e.g. junk data) raise, so Pillow decides on those JPEGs."""
+    import simplejpeg  # imported once turbo_matches_pillow() succeeded
+
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
 
 
 def _pillow_rgb(data: bytes) -> np.ndarray:
@@ -96,11 +99,17 @@ def _pillow_rgb(data: bytes) -> np.ndarray:
 @functools.cache
 def turbo_matches_pillow() -> bool:
     """Whether the TurboJPEG path gives Pillow's pixels here (their bundled libjpeg-turbo builds
-    could differ): probe JPEGs in every chroma subsampling, grey, progressive, odd sizes."""
+    could differ): probe JPEGs in every chroma subsampling the path accepts, grey, progressive,
+    odd sizes. False, with one warning, where simplejpeg is missing or broken."""
+    try:
+        import simplejpeg
+    except ImportError as err:
+        log.warning("simplejpeg cannot be imported (%s): JPEGs are decoded with Pillow (slower)", err)
+        return False
     y, x = np.mgrid[0:37, 0:53]
     rgb = np.stack([x * 5 % 256, y * 7 % 256, (x * y) % 256], -1).astype(np.uint8)
     probes = []
-    for subsampling in (0, 1, 2):
+    for subsampling in (0, 1, 2):  # Pillow writes 4:4:4, 4:2:2 and 4:2:0
         for progressive in (False, True):
             out = io.BytesIO()
             Image.fromarray(rgb).save(out, "JPEG", quality=85, subsampling=subsampling, progressive=progressive)
@@ -109,6 +118,7 @@ def turbo_matches_pillow() -> bool:
     Image.fromarray(rgb[..., 0]).save(out, "JPEG", quality=85)
     probes.append(out.getvalue())
     try:
+        probes += [simplejpeg.encode_jpeg(rgb, quality=85, colorsubsampling=s) for s in ("440", "411")]
         same = all(np.array_equal(_turbo_decode(p), _pillow_rgb(p)) for p in probes)
     except Exception as err:  # a broken simplejpeg install: Pillow decodes everything
         log.warning("simplejpeg fails on probe JPEGs (%r): JPEGs are decoded with Pillow", err)
@@ -126,6 +136,7 @@ class ImageTransform:
         self.cfg = cfg
         self.train = train
         self.filter = _FILTERS[cfg.interpolation]
+        turbo_matches_pillow()  # probed here, before loader workers fork: they inherit the answer
 
     def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
         size = self.cfg.size
@@ -152,11 +163,15 @@ class ImageTransform:
         draft would reduce the scale, above Pillow's decompression-bomb limit, for colour spaces
         Pillow converts itself, and for data TurboJPEG rejects (Pillow then decides: it accepts
         some JPEGs with warnings)."""
+        if not turbo_matches_pillow():
+            return None
+        import simplejpeg
+
         try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
         except Exception:  # not a JPEG TurboJPEG reads
             return None
-        if colorspace not in _TURBO_COLORSPACES or not turbo_matches_pillow():
+        if colorspace not in _TURBO_COLORSPACES or subsampling not in _PROBED_SUBSAMPLINGS:
             return None
         if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
             return None
