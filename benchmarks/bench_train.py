@@ -504,7 +504,7 @@ def summarize(runs: dict, sizes, methods_of, paired: dict) -> list[dict]:
     return rows
 
 
-HEADER = ("Training throughput on CPU: 1 thread per process (2-rank methods: 2 processes), best of "
+HEADER = ("Training throughput on CPU: 1 thread per process unless the command says --threads (2-rank methods: 2 processes), best of "
           "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
           "xfast methods only (unless the command says --malloc). vs transformers: the median "
           "over rounds of each round's ratio (every round runs each method once, in rotating order), then "

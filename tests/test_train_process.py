@@ -59,8 +59,12 @@ def _probe(tmp_path, mode: str, **env) -> dict:
     return json.loads(out.stdout)
 
 
-glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                                reason="mallopt/mallinfo2 are glibc's")
+def _glibc_version() -> tuple[int, ...]:
+    name = os.confstr("CS_GNU_LIBC_VERSION") if sys.platform.startswith("linux") else None  # "glibc 2.36"
+    return tuple(int(part) for part in name.split()[1].split(".")[:2]) if name else ()
+
+
+glibc_only = pytest.mark.skipif(_glibc_version() < (2, 33), reason="mallopt is glibc's; mallinfo2 needs glibc >= 2.33")
 
 
 @glibc_only
@@ -88,6 +92,13 @@ def test_the_user_opts_out_or_sets_glibc_s_own_variables(tmp_path, env):
     result = _probe(tmp_path, "tune", **env)
     assert result["set"] is False
     assert result["parent"]["mmapped"] >= BLOCK
+
+
+@glibc_only
+def test_a_tunable_of_another_glibc_part_leaves_the_settings_on(tmp_path):
+    result = _probe(tmp_path, "tune", GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    assert result["set"] is True
+    assert result["parent"]["mmapped"] == 0
 
 
 @pytest.mark.parametrize("cores, ranks, workers, threads", [

@@ -1,15 +1,16 @@
 """Process-wide settings of a training process: torch's thread count and how glibc's malloc
 returns freed memory. The Trainer sets both once, before its loaders fork their workers (forked
-workers inherit the malloc settings)."""
+workers inherit the malloc settings; workers started by spawn or forkserver would not)."""
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 MALLOC_ENV = "XFAST_MALLOC"  # "default": leave glibc's malloc settings as they are
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_GLIBC_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+_GLIBC_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
@@ -21,10 +22,13 @@ def keep_freed_memory() -> bool:
     them again at the next step, so every step faults their pages in anew (minor page faults,
     kernel time; counted by benchmarks/bench_train.py). Here blocks up to 1 GiB come from the heap
     and freed memory is kept up to 2 GiB, so after the first steps a step reuses its pages. The cost:
-    the process keeps its peak heap (up to 2 GiB more than it uses at a time) instead of shrinking
-    between steps. Nothing is done off glibc, when XFAST_MALLOC=default, or when the user set
-    glibc's own MALLOC_* variables or GLIBC_TUNABLES (theirs win)."""
-    if os.environ.get(MALLOC_ENV, "").lower() == "default" or any(k in os.environ for k in _GLIBC_MALLOC_ENV):
+    the process keeps its peak heap (up to 2 GiB more than it uses at a time, per malloc arena)
+    instead of shrinking between steps, and so does each forked loader worker. Nothing is done off
+    Linux/glibc, when XFAST_MALLOC=default, or when the user set one of glibc's own
+    MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_THRESHOLD_ or a glibc.malloc tunable in
+    GLIBC_TUNABLES (theirs win)."""
+    if (os.environ.get(MALLOC_ENV, "").lower() == "default" or any(k in os.environ for k in _GLIBC_MALLOC_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or not sys.platform.startswith("linux")):
         return False
     try:
         libc = ctypes.CDLL(None)
