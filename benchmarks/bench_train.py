@@ -140,15 +140,22 @@ class _TorchEngine:
         if self.calls % self.micro_batches:
             return
         if dist.get_world_size() > 1:
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for p, grad in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(grad.view_as(p))
+            _average_over_ranks([p.grad for p in self.module.parameters() if p.grad is not None])
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _average_over_ranks(grads: list) -> None:
+    """Gradients averaged over the ranks in place through one flat all-reduce (what DDP's buckets
+    amount to on CPU)."""
+    import torch
+    import torch.distributed as dist
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, average in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(average.view_as(g))
 
 
 def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
@@ -261,7 +268,7 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model, media_key = _hf_model(size, tokenizer)
     for p in model.parameters():  # the same initial weights on every rank, as DDP broadcasts them
@@ -282,14 +289,10 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
         loss = (F.cross_entropy(scale * media @ all_text.T, labels) + F.cross_entropy(scale * text @ all_media.T, labels)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p)
-            offset += g.numel()
+        for p in params:  # every rank sends the same layout, as DDP does
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _average_over_ranks([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         return loss.detach()
