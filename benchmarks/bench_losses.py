@@ -1,8 +1,11 @@
 """Forward+backward time of the fused CPU losses against their compute floor, and peak memory.
 
-For each loss, batch size N and embedding dim d, one subprocess times these methods
-interleaved (xfast, floor, xfast, floor, ...; best of --repeat), so they share the machine's
-state when it is busy:
+For each loss, batch size N and embedding dim d, one subprocess times these methods in
+rounds: each round runs every method once, in an order that rotates from round to round, so
+the methods of a round share the machine's state. The ratio to the tiled floor is taken per
+round and its median over the rounds is the reported figure, with the lowest and highest round
+(on this kind of machine the same code runs up to 20% slower from one minute to the next, so a
+best-of over separate timings mostly measures luck); best / best is kept as a second figure:
   xfast         the fused CPU backend (tiled C++ kernel, never stores N x M)
   tiled_floor   the same FLOPs as the kernel's four N x M x d GEMMs, done as the kernel does
                 them: 4 * (N/256) * (M/512) GEMMs of 256 x d x 512 into one reused 256 x 512
@@ -12,15 +15,16 @@ state when it is busy:
                 faults): not a floor, the cost of writing the logits out
   reference     plain PyTorch materialising the logits (what open_clip and
                 sentence-transformers do)
-Times are the best of --repeat in wall seconds and, separately, in CPU seconds of the
-process (all threads; it leaves out time spent waiting for a core on a busy machine).
+Times are the best round in wall seconds and, separately, in CPU seconds of the process (all
+threads; it leaves out time spent waiting for a core on a busy machine); every round's times
+are in the JSON.
 GFLOP/s counts the 8 * N * M * d flops of the four GEMMs (wall time); "peak" is the best rate this
 machine's sgemm reaches on cache-resident shapes (the kernel's tile with d = 64 ... 1024,
 one 1024^3 product). "Extra MB" is the growth of peak RSS during one forward+backward in a
 fresh process (it includes the N x d gradients).
 
     python benchmarks/bench_losses.py                         # quick look, written to a temp folder
-    python benchmarks/bench_losses.py --sizes 8192 16384 --dims 64 512 --methods xfast tiled_floor --save
+    python benchmarks/bench_losses.py --sizes 8192 16384 --dims 64 512 --methods xfast tiled_floor --rounds 9 --save
 
 Results go to --out (default: a temp folder); only --save overwrites the committed
 benchmarks/results/losses.{json,csv,png}. --merge keeps the cells of the existing results
@@ -33,6 +37,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,21 +129,33 @@ def make_step(loss: str, method: str, n: int, d: int):
     return step
 
 
-def time_worker(loss: str, methods: list[str], n: int, d: int, repeat: int) -> dict:
-    """Subprocess: best-of-`repeat` wall and CPU seconds per method, the methods interleaved.
-    CPU seconds (all threads) leave out the time the process waits for a core, which on a
-    shared machine is most of the noise."""
+def time_worker(loss: str, methods: list[str], n: int, d: int, rounds: int) -> dict:
+    """Subprocess: wall and CPU seconds of every method in every round; round r runs the methods
+    once each, starting at the r-th (rotating), so a round is a paired comparison. CPU seconds
+    (all threads) leave out the time the process waits for a core, which on a shared machine is
+    most of the noise."""
     steps = {m: make_step(loss, m, n, d) for m in methods}
     for step in steps.values():
         step()  # warm-up
     wall, cpu = {m: [] for m in methods}, {m: [] for m in methods}
-    for _ in range(repeat):
-        for m, step in steps.items():
+    for r in range(rounds):
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
             t0, c0 = time.perf_counter(), time.process_time()
-            step()
+            steps[m]()
             wall[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
-    return {m: {"seconds": min(wall[m]), "cpu_seconds": min(cpu[m])} for m in methods}
+    return {m: {"seconds": min(wall[m]), "cpu_seconds": min(cpu[m]), "round_seconds": wall[m],
+                "round_cpu_seconds": cpu[m]} for m in methods}
+
+
+def paired_ratios(row: dict, floor: dict) -> dict:
+    """Ratios to the floor: median, lowest and highest of the per-round ratios (wall and CPU
+    time), and best round / best round."""
+    wall = [a / b for a, b in zip(row["round_seconds"], floor["round_seconds"])]
+    cpu = [a / b for a, b in zip(row["round_cpu_seconds"], floor["round_cpu_seconds"])]
+    return {"x_tiled_floor": statistics.median(wall), "x_tiled_floor_low": min(wall), "x_tiled_floor_high": max(wall),
+            "cpu_x_tiled_floor": statistics.median(cpu), "x_tiled_floor_best": row["seconds"] / floor["seconds"],
+            "cpu_x_tiled_floor_best": row["cpu_seconds"] / floor["cpu_seconds"], "round_ratios": wall}
 
 
 def memory_worker(loss: str, method: str, n: int, d: int) -> dict:
@@ -165,7 +182,7 @@ def subprocess_json(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: bool) -> list[dict]:
+def measure(loss: str, n: int, d: int, methods: list[str], rounds: int, memory: bool) -> list[dict]:
     columns = 2 * n if loss == "simcse_hn" else n
     rows, timed = [], []
     for m in methods:
@@ -177,7 +194,7 @@ def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: 
         else:
             timed.append(m)
         rows.append(row)
-    seconds = subprocess_json(["--time-worker", loss, ",".join(timed), str(n), str(d), str(repeat)]) if timed else {}
+    seconds = subprocess_json(["--time-worker", loss, ",".join(timed), str(n), str(d), str(rounds)]) if timed else {}
     for row in rows:
         if "error" in row:
             continue
@@ -191,23 +208,23 @@ def measure(loss: str, n: int, d: int, methods: list[str], repeat: int, memory: 
     floor = next((r for r in rows if r["method"] == "tiled_floor" and "seconds" in r), None)
     for row in rows:
         if floor and "seconds" in row:
-            row["x_tiled_floor"] = row["seconds"] / floor["seconds"]
-            row["cpu_x_tiled_floor"] = row["cpu_seconds"] / floor["cpu_seconds"]
+            row.update(paired_ratios(row, floor))
     return rows
 
 
 def table(rows: list[dict], runs: list[dict]) -> str:
-    lines = ["| loss | N | d | method | time (s) | x tiled floor | CPU time (s) | x tiled floor (CPU) | GFLOP/s | extra MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| loss | N | d | method | best round (s) | x tiled floor, median of rounds | lowest-highest round "
+             "| best / best | x tiled floor in CPU time, median | GFLOP/s (best round) | extra MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, key, spec=".2f": format(r[key], spec) if key in r else "-"
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | | | |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | | | | |")
             continue
-        ratio = f"{r['x_tiled_floor']:.2f}" if "x_tiled_floor" in r else "-"
-        cpu_ratio = f"{r['cpu_x_tiled_floor']:.2f}" if "cpu_x_tiled_floor" in r else "-"
-        mb = f"{r['extra_mb']:.0f}" if "extra_mb" in r else "-"
-        lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {ratio} "
-                     f"| {r['cpu_seconds']:.2f} | {cpu_ratio} | {r['gflops']:.0f} | {mb} |")
+        spread = f"{r['x_tiled_floor_low']:.2f}-{r['x_tiled_floor_high']:.2f}" if "x_tiled_floor_low" in r else "-"
+        lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {fmt(r, 'x_tiled_floor')} "
+                     f"| {spread} | {fmt(r, 'x_tiled_floor_best')} | {fmt(r, 'cpu_x_tiled_floor')} | {r['gflops']:.0f} "
+                     f"| {fmt(r, 'extra_mb', '.0f')} |")
     lines.append("")
     for i, run in enumerate(runs):
         if any(r.get("run") == i for r in rows):
@@ -245,7 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--losses", nargs="+", default=["clip", "simcse_hn"], choices=["clip", "simcse_hn"],
                         help="clip: symmetric InfoNCE over N x N; simcse_hn: SimCSE with hard negatives, N x 2N")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="what to time")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is kept)")
+    parser.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=3,
+                        help="rounds; each runs every method once, in rotating order (default 3)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses (one extra step per method)")
     parser.add_argument("--out", help="output path prefix for .json/.csv/.png (default: a temp folder)")
@@ -256,8 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_worker:
-        loss, methods, n, d, repeat = args.time_worker
-        print(json.dumps(time_worker(loss, methods.split(","), int(n), int(d), int(repeat))))
+        loss, methods, n, d, rounds = args.time_worker
+        print(json.dumps(time_worker(loss, methods.split(","), int(n), int(d), int(rounds))))
         return 0
     if args.memory_worker:
         loss, method, n, d = args.memory_worker
@@ -289,11 +307,13 @@ def main(argv=None) -> int:
     for n in args.sizes:
         for d in args.dims:
             for loss in args.losses:
-                for row in measure(loss, n, d, args.methods, args.repeat, args.memory):
+                for row in measure(loss, n, d, args.methods, args.rounds, args.memory):
                     row["run"] = run
                     rows.append(row)
                     status = row.get("error") or f"{row['seconds']:.3f} s, {row['gflops']:.0f} GFLOP/s" + (
-                        f", {row['x_tiled_floor']:.2f}x tiled floor ({row['cpu_x_tiled_floor']:.2f}x in CPU time)"
+                        f", {row['x_tiled_floor']:.2f}x tiled floor (median of rounds, {row['x_tiled_floor_low']:.2f}-"
+                        f"{row['x_tiled_floor_high']:.2f}; best/best {row['x_tiled_floor_best']:.2f}; "
+                        f"{row['cpu_x_tiled_floor']:.2f}x in CPU time)"
                         if "x_tiled_floor" in row else "")
                     print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
                 write(out, runs, kept + rows)
@@ -304,18 +324,24 @@ def main(argv=None) -> int:
 
 
 def previous_results(path: Path) -> tuple[list[dict], list[dict]]:
-    """Runs and rows of an existing results file (also the older one-run format)."""
+    """Runs and rows of an existing results file (also the older formats: one run per file, and
+    rows whose only ratio was best / best, which keep it under that name)."""
     data = json.loads(path.read_text())
-    if "runs" in data:
-        return data["runs"], data["rows"]
-    return [{"meta": data["meta"], "peak": data["peak"]}], [dict(r, run=0) for r in data["rows"]]
+    runs, rows = (data["runs"], data["rows"]) if "runs" in data else (
+        [{"meta": data["meta"], "peak": data["peak"]}], [dict(r, run=0) for r in data["rows"]])
+    for r in rows:
+        if "x_tiled_floor" in r and "x_tiled_floor_best" not in r:
+            r["x_tiled_floor_best"] = r.pop("x_tiled_floor")
+            r["cpu_x_tiled_floor_best"] = r.pop("cpu_x_tiled_floor")
+    return runs, rows
 
 
 def write(out: Path, runs: list[dict], rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
     with out.with_suffix(".csv").open("w", newline="") as f:
-        keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "cpu_seconds", "cpu_x_tiled_floor",
+        keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "x_tiled_floor_low",
+                "x_tiled_floor_high", "x_tiled_floor_best", "cpu_seconds", "cpu_x_tiled_floor", "cpu_x_tiled_floor_best",
                 "gflops", "extra_mb", "error", "run"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()
