@@ -101,6 +101,12 @@ void scaled_dot_products(at::Tensor& z, const at::Tensor& x, const at::Tensor& y
   at::addmm_out(z, z, x, y.t(), /*beta=*/0, /*alpha=*/scale);
 }
 
+// The public losses check their scale; the kernel entries check it again because a zero scale
+// would turn dscale = sum(D * Z) / scale into NaN and a negative one would flip the logits.
+void check_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be positive and finite, got ", scale);
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "xfast._C runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x, y must be [N, d], [M, d]");
@@ -195,10 +201,13 @@ void tile_gemm_floor(const at::Tensor& x, const at::Tensor& y, int64_t gemms_per
   });
 }
 
-// exp of values <= 0 with the tile kernels' own exp (the variant in use; tests).
+// exp of values <= 0 with the tile kernels' own exp (the variant in use; tests). float32 runs
+// the variant's polynomial; float64 is plain std::exp, as in the tile kernels.
 at::Tensor tile_exp(const at::Tensor& v) {
   TORCH_CHECK(v.device().is_cpu() && (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble),
               "tile_exp takes a float32 or float64 CPU tensor");
+  // Outside (-inf, 0] the float32 exp is wrong (no overflow handling) rather than slow: refuse.
+  TORCH_CHECK(v.le(0).all().item<bool>(), "tile_exp computes exp of values <= 0; got a value > 0 or NaN");
   at::Tensor out = v.contiguous().clone();
   if (out.scalar_type() == at::kDouble) tile_kernels<double>().exp(out.data_ptr<double>(), out.numel());
   else tile_kernels<float>().exp(out.data_ptr<float>(), out.numel());
@@ -209,6 +218,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& y, double
                                 double diag_bias, int64_t diag_offset, bool with_cols,
                                 int64_t block_rows, int64_t block_cols) {
   check_inputs(x, y);
+  check_scale(scale);
   const Plan p = make_plan(x.size(0), y.size(0), block_rows, block_cols);
   if (x.scalar_type() == at::kDouble)
     return forward_impl<double>(x, y, scale, diag_bias, diag_offset, with_cols, p);
@@ -223,6 +233,7 @@ std::vector<at::Tensor> backward(const at::Tensor& x, const at::Tensor& y, doubl
                                  const c10::optional<at::Tensor>& grad_col, int64_t block_rows,
                                  int64_t block_cols) {
   check_inputs(x, y);
+  check_scale(scale);
   const at::Tensor g_row = grad_row.has_value() ? grad_row->contiguous() : at::Tensor();
   const at::Tensor g_col = grad_col.has_value() ? grad_col->contiguous() : at::Tensor();
   const at::Tensor col_lse = col_lse_opt.has_value() ? col_lse_opt->contiguous() : at::Tensor();

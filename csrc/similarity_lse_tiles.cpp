@@ -80,9 +80,11 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t 
     const T col_max_before = biased && with_cols ? col_max[dc] : T(0);
     T m = neg_inf;
     // Row and column maxima in one read of the row; the biased element is redone below.
-    // std::max only on locals: gcc 12 leaves a loop scalar when std::max takes an array
-    // element (by reference), hence the ternary for the column and the copy v for the rows
-    // (the disassembly test counts the packed maxima).
+    // The row max reduces over a copy v of the element: written m = std::max(m, zr[c]), it
+    // stayed scalar under gcc 12, because std::max returns a reference to one of its
+    // arguments (the reduction variable or the array element) and the loop then loads
+    // through a selected address (-fopt-info-vec: "no vectype for stmt"). The disassembly
+    // test counts the packed maxima.
     if (with_cols) {
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) {

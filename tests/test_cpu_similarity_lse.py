@@ -112,6 +112,36 @@ def test_every_variant_keeps_the_exp_error_bound(restore_isa):
         assert torch.equal(flushed, torch.zeros(4)), f"{isa}: exp below -87 gave {flushed.tolist()}, not 0"
 
 
+def test_exp_float64_is_plain_libm():
+    # float64 has no polynomial: std::exp, like torch.exp within 1 ulp of exp each, so within
+    # 2 ulp (2^-51 relative) of each other on any libm.
+    x = torch.cat([torch.linspace(-745.0, 0.0, 100_001, dtype=torch.float64), torch.tensor([-0.0, -1e-300])])
+    got, expected = _C.tile_exp(x), torch.exp(x)
+    assert got.dtype == torch.float64
+    normal = expected > torch.finfo(torch.float64).tiny  # subnormal results carry fewer bits
+    rel = ((got - expected).abs() / expected)[normal].max().item()
+    assert rel <= 2.0**-51, f"float64 tile_exp relative error {rel:.3g}"
+    assert torch.equal(got[~normal] == 0, expected[~normal] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [1e-3, 88.0, float("inf"), float("nan")])
+def test_exp_refuses_values_above_zero_or_nan(bad, dtype):
+    with pytest.raises(RuntimeError, match="values <= 0"):
+        _C.tile_exp(torch.tensor([-1.0, bad, -2.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("scale", [0.0, -20.0, float("nan"), float("inf")])
+def test_kernel_entries_refuse_a_scale_that_is_not_positive(scale):
+    # scale 0 would give dscale = sum(D * Z) / 0 = NaN; the public losses refuse it first.
+    x, y = embeddings(40, 16, seed=3).float(), embeddings(48, 16, seed=4).float()
+    row_lse, col_lse = _C.similarity_lse_forward(x, y, 20.0, 0.0, 0, True, 256, 512)
+    with pytest.raises(RuntimeError, match="scale must be positive and finite"):
+        _C.similarity_lse_forward(x, y, scale, 0.0, 0, True, 256, 512)
+    with pytest.raises(RuntimeError, match="scale must be positive and finite"):
+        _C.similarity_lse_backward(x, y, scale, 0.0, 0, row_lse, col_lse, torch.ones(40), torch.ones(48), 256, 512)
+
+
 def cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
         for line in f:
