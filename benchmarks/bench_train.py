@@ -160,7 +160,7 @@ def _average_over_ranks(grads: list) -> None:
 
 def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
     """`task` in the engine of `method`: DeepSpeed ZeRO-2 (xfast), ZeRO-0 (xfast_zero0) or plain
-    torch (xfast_torch), with the same AdamW (foreach) in all three."""
+    torch (xfast_torch), with the same AdamW (xfast.training.engine.adamw: fused on CPU) in all three."""
     from xfast.training.engine import adamw, build_engine, deepspeed_config
     optim = dict(lr=1e-3, weight_decay=0.1)
     if method == "xfast_torch":

@@ -13,7 +13,13 @@ deepspeed = pytest.importorskip("deepspeed")
 import xfast  # noqa: E402
 from tests.dist_utils import run_ranks  # noqa: E402
 from xfast.training.accumulation import whole_batch_step  # noqa: E402
-from xfast.training.engine import ZERO_SPEED_DEFAULTS, build_engine, clip_like_deepspeed, deepspeed_config  # noqa: E402
+from xfast.training.engine import (  # noqa: E402
+    ZERO_SPEED_DEFAULTS,
+    adamw,
+    build_engine,
+    clip_like_deepspeed,
+    deepspeed_config,
+)
 
 # What DeepSpeed itself uses for the keys xfast sets (deepspeed.runtime.zero.config, 0.19).
 DEEPSPEED_OWN = {"contiguous_gradients": True, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
@@ -123,3 +129,61 @@ def _clip_cases(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_clip_like_deepspeed_equals_deepspeeds_clip_grad_norm(world):
     run_ranks(world, _clip_cases)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_else_foreach():
+    def kernels(module):
+        optimizer = adamw(module, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+        return {(bool(g["fused"]), bool(g["foreach"])) for g in optimizer.param_groups}
+
+    assert kernels(Towers()) == {(True, False)}
+    assert kernels(Towers().to(torch.float64)) == {(True, False)}
+    assert kernels(Towers().to("meta")) == {(False, True)}  # a device without torch's fused kernel
+
+
+def _stage_steps(rank: int, world: int, stage: int) -> None:
+    """ZeRO hands the optimizer its flat fp32 partitions: torch's fused AdamW must run on them,
+    and give what the same fused AdamW gives on the plain model's own parameters."""
+    _init_deepspeed()
+    torch.manual_seed(0)
+    model = Towers()
+    reference = Towers()
+    reference.load_state_dict(model.state_dict())
+    config = deepspeed_config(micro_batch_size=6, accumulation_steps=1, world_size=world, zero_stage=stage,
+                              precision="fp32", gradient_clipping=0.0)
+    optim = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    engine = build_engine(model, ds_config=config, tower_lr={}, warmup_steps=0, total_steps=10, min_lr_ratio=1.0, **optim)
+    plain = adamw(reference, **optim)
+    kernel = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    assert all(g["fused"] for g in kernel.param_groups) and all(g["fused"] for g in plain.param_groups)
+    torch.manual_seed(1)
+    batches = [{"x": torch.randn(6, 5), "y": torch.randn(6, 7)} for _ in range(3)]
+    rng = torch.get_rng_state()
+    for batch in batches:
+        whole_batch_step(engine, [batch], _objective)
+    torch.set_rng_state(rng)  # the same dropout masks
+    for batch in batches:
+        features, shared = reference(batch)
+        loss, _ = _objective(features, shared)
+        loss.backward()
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+    if stage == 3:
+        import deepspeed
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            trained = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    else:
+        trained = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for name, value in reference.named_parameters():
+        # Elementwise the same kernel on the same gradients (one rank: DeepSpeed's average over
+        # ranks divides by 1): equal up to the kernel's own rounding paths (vector body vs tail
+        # of a tensor), a few float32 ulps of the three updates of size lr.
+        torch.testing.assert_close(trained[name], value.detach(), rtol=2**-20, atol=3 * 2**-20 * optim["lr"],
+                                   msg=lambda m, name=name: f"stage {stage} {name}: {m}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_runs_the_fused_adamw_like_plain_torch(stage):
+    run_ranks(1, _stage_steps, stage)

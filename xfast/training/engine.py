@@ -165,13 +165,21 @@ def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_si
 
 def adamw(module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
           tower_lr: dict[str, float] | None = None) -> torch.optim.AdamW:
-    """torch AdamW over param_groups(module). foreach: one multi-tensor update per group instead
-    of a Python loop over the parameters (the same arithmetic; ZeRO 1-3 hand the optimizer a few
-    flat tensors anyway)."""
+    """torch AdamW over param_groups(module): fused (one kernel per group of tensors) where every
+    parameter is a float tensor on the CPU or a CUDA device, else foreach (one multi-tensor update
+    per group); torch's default on CPU is a Python loop over the parameters. Fused and foreach are
+    the same AdamW, rounded differently (the fused kernel uses its own order of operations). ZeRO
+    1-3 hand the optimizer their fp32 partitions instead, a few flat tensors on the same device."""
     groups = param_groups(module, lr=lr, weight_decay=weight_decay, tower_lr=tower_lr)
     for group in groups:
         del group["names"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    kernel = {"fused": True} if all(fused_adamw_supports(p) for g in groups for p in g["params"]) else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
+
+
+def fused_adamw_supports(param: torch.Tensor) -> bool:
+    """torch's fused AdamW takes this parameter: a floating-point tensor on the CPU or a CUDA device."""
+    return param.is_floating_point() and param.device.type in ("cpu", "cuda")
 
 
 def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
