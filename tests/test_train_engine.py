@@ -39,6 +39,11 @@ def test_speed_defaults_are_deepspeed_keys_and_a_users_keys_win():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     parsed = DeepSpeedZeroConfig(**zero)
     assert parsed.contiguous_gradients is True and parsed.overlap_comm is True
+    # no throughput timer (it synchronizes the device twice a step); a user's setting wins
+    from deepspeed.utils.config import get_timers_config
+    assert get_timers_config(deepspeed_config(zero_stage=2, **common)).enabled is False
+    mine = {"timers": {"throughput": {"enabled": True}}}
+    assert get_timers_config(deepspeed_config(zero_stage=2, extra=mine, **common)).enabled is True
 
 
 class Towers(nn.Module):

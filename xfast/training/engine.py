@@ -154,6 +154,10 @@ def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_si
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # the trainer's progress bar reports instead
         "wall_clock_breakdown": False,
+        # DeepSpeed's samples/s timer (on unless set) synchronizes the device when each forward
+        # starts and each step ends (deepspeed/utils/timer.py, ThroughputTimer): two host syncs
+        # per step on GPUs for a figure the trainer logs itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
