@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "similarity_lse_tiles.h"
@@ -101,10 +102,16 @@ void scaled_dot_products(at::Tensor& z, const at::Tensor& x, const at::Tensor& y
   at::addmm_out(z, z, x, y.t(), /*beta=*/0, /*alpha=*/scale);
 }
 
-// The public losses check their scale; the kernel entries check it again because a zero scale
-// would turn dscale = sum(D * Z) / scale into NaN and a negative one would flip the logits.
-void check_scale(double scale) {
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be positive and finite, got ", scale);
+// The scale in the kernel's dtype T. The public losses check their scale; the kernel entries
+// check it again because a zero scale would turn dscale = sum(D * Z) / scale into NaN and a
+// negative one would flip the logits. Checked after the cast: a positive double below float32's
+// smallest subnormal becomes 0 there, and one above its largest finite value becomes inf.
+template <typename T>
+T kernel_scale(double scale) {
+  const T s = static_cast<T>(scale);
+  TORCH_CHECK(std::isfinite(s) && s > 0, "scale must be positive and finite in ",
+              std::is_same<T, float>::value ? "float32" : "float64", ", got ", scale);
+  return s;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y) {
@@ -119,7 +126,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y) {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& y, double scale_d, double bias_d,
                                      int64_t offset, bool with_cols, const Plan& p) {
-  const T scale = static_cast<T>(scale_d), bias = static_cast<T>(bias_d);
+  const T scale = kernel_scale<T>(scale_d), bias = static_cast<T>(bias_d);
   const auto opts = x.options();
   const auto& kernels = tile_kernels<T>();
   // Running (m, l) accumulators, m + log(l), of every row and column.
@@ -148,7 +155,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, double scale_d, double bias_d,
                                       int64_t offset, const at::Tensor& row_lse, const at::Tensor& col_lse,
                                       const at::Tensor& g_row, const at::Tensor& g_col, const Plan& p) {
-  const T scale = static_cast<T>(scale_d), bias = static_cast<T>(bias_d);
+  const T scale = kernel_scale<T>(scale_d), bias = static_cast<T>(bias_d);
   const auto& kernels = tile_kernels<T>();
   const bool has_row = g_row.defined(), has_col = g_col.defined();
   // At small d, dY is accumulated transposed, dY^T += X_blk^T D: D then enters the GEMM
@@ -179,9 +186,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
         dy.narrow(0, c0, cols).addmm_(d.t(), xb, 1, scale);
     });
   });
-  double ds = 0;  // sum(D * S) = sum(D * (Z - B)) / scale
+  double ds = 0;  // sum(D * S) = sum(D * (Z - B)) / scale, with the scale Z was computed with
   for (double v : ds_cell) ds += v;
-  ds /= scale_d;
+  ds /= static_cast<double>(scale);
   return {dx, dy_transposed ? dy_t.t().contiguous() : dy, at::full({}, ds, x.options())};
 }
 
@@ -206,7 +213,8 @@ void tile_gemm_floor(const at::Tensor& x, const at::Tensor& y, int64_t gemms_per
 at::Tensor tile_exp(const at::Tensor& v) {
   TORCH_CHECK(v.device().is_cpu() && (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble),
               "tile_exp takes a float32 or float64 CPU tensor");
-  // Outside (-inf, 0] the float32 exp is wrong (no overflow handling) rather than slow: refuse.
+  // Outside [-inf, 0] (-inf is a masked logit, exp 0) the float32 exp is wrong (no overflow
+  // handling) rather than slow: refuse.
   TORCH_CHECK(v.le(0).all().item<bool>(), "tile_exp computes exp of values <= 0; got a value > 0 or NaN");
   at::Tensor out = v.contiguous().clone();
   if (out.scalar_type() == at::kDouble) tile_kernels<double>().exp(out.data_ptr<double>(), out.numel());
@@ -218,7 +226,6 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& y, double
                                 double diag_bias, int64_t diag_offset, bool with_cols,
                                 int64_t block_rows, int64_t block_cols) {
   check_inputs(x, y);
-  check_scale(scale);
   const Plan p = make_plan(x.size(0), y.size(0), block_rows, block_cols);
   if (x.scalar_type() == at::kDouble)
     return forward_impl<double>(x, y, scale, diag_bias, diag_offset, with_cols, p);
@@ -233,7 +240,6 @@ std::vector<at::Tensor> backward(const at::Tensor& x, const at::Tensor& y, doubl
                                  const c10::optional<at::Tensor>& grad_col, int64_t block_rows,
                                  int64_t block_cols) {
   check_inputs(x, y);
-  check_scale(scale);
   const at::Tensor g_row = grad_row.has_value() ? grad_row->contiguous() : at::Tensor();
   const at::Tensor g_col = grad_col.has_value() ? grad_col->contiguous() : at::Tensor();
   const at::Tensor col_lse = col_lse_opt.has_value() ? col_lse_opt->contiguous() : at::Tensor();

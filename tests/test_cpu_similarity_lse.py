@@ -142,6 +142,24 @@ def test_kernel_entries_refuse_a_scale_that_is_not_positive(scale):
         _C.similarity_lse_backward(x, y, scale, 0.0, 0, row_lse, col_lse, torch.ones(40), torch.ones(48), 256, 512)
 
 
+# Positive and finite as a double, but 0 (below float32's smallest subnormal, 1.4e-45) or inf
+# (above its largest finite value, 3.4e38) once cast to the float32 the kernel computes in.
+@pytest.mark.parametrize("scale", [1e-50, 1e39])
+def test_kernel_entries_check_the_scale_in_their_dtype(scale):
+    x, y = embeddings(40, 16, seed=3), embeddings(48, 16, seed=4)
+    row_lse, col_lse = _C.similarity_lse_forward(x, y, scale, 0.0, 0, True, 256, 512)  # float64: valid
+    assert torch.isfinite(row_lse).all() and torch.isfinite(col_lse).all()
+    dx, dy, dscale = _C.similarity_lse_backward(x, y, scale, 0.0, 0, row_lse, col_lse, torch.ones(40, dtype=x.dtype),
+                                                torch.ones(48, dtype=x.dtype), 256, 512)
+    assert torch.isfinite(dx).all() and torch.isfinite(dy).all() and torch.isfinite(dscale)
+    x32, y32 = x.float(), y.float()
+    row32, col32 = _C.similarity_lse_forward(x32, y32, 20.0, 0.0, 0, True, 256, 512)
+    with pytest.raises(RuntimeError, match="scale must be positive and finite in float32"):
+        _C.similarity_lse_forward(x32, y32, scale, 0.0, 0, True, 256, 512)
+    with pytest.raises(RuntimeError, match="scale must be positive and finite in float32"):
+        _C.similarity_lse_backward(x32, y32, scale, 0.0, 0, row32, col32, torch.ones(40), torch.ones(48), 256, 512)
+
+
 def cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
         for line in f:
