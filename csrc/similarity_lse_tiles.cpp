@@ -80,11 +80,13 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t 
     const T col_max_before = biased && with_cols ? col_max[dc] : T(0);
     T m = neg_inf;
     // Row and column maxima in one read of the row; the biased element is redone below.
-    // The row max reduces over a copy v of the element: written m = std::max(m, zr[c]), it
-    // stayed scalar under gcc 12, because std::max returns a reference to one of its
-    // arguments (the reduction variable or the array element) and the loop then loads
-    // through a selected address (-fopt-info-vec: "no vectype for stmt"). The disassembly
-    // test counts the packed maxima.
+    // Reductions take a copy v of the element: written m = std::max(m, zr[c]), the loop stayed
+    // scalar under gcc 12, because std::max returns a reference to one of its arguments (the
+    // reduction variable or the array element) and the loop then loads through a selected
+    // address (-fopt-info-vec: "no vectype for stmt"). The column max is a ternary for the same
+    // reason: with col_max[c] = std::max(col_max[c], v) this loop stayed scalar too (gcc 12,
+    // standalone copy, same message; a loop with only the column max vectorises either way).
+    // The disassembly test counts the packed maxima.
     if (with_cols) {
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) {
@@ -112,7 +114,10 @@ inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t 
   }
   if (with_cols) {
 #pragma omp simd reduction(min : lowest)
-    for (int64_t c = 0; c < cols; ++c) lowest = std::min(lowest, col_max[c]);
+    for (int64_t c = 0; c < cols; ++c) {
+      const T v = col_max[c];  // a copy, as for the row max above (std::min(lowest, col_max[c]) stayed scalar)
+      lowest = std::min(lowest, v);
+    }
   }
   const bool one_exp = ref - lowest <= Limits<T>::kMargin;
 

@@ -39,6 +39,9 @@ EXP_CALLS = {"forward": 5, "backward": 6}
 # passes; all variants compile from one source, so the wide ones stand for it. backward_tile
 # has no max loop over the tile (only over the O(rows + cols) logsumexps), so nothing to count.
 MAX_LOOPS = {"forward": 4}
+# Packed minima of forward_tile's one min loop (the lowest column max). No horizontal min
+# elsewhere in it, so the count catches a scalar loop in every variant, baseline included.
+MIN_LOOPS = {"forward": 1}
 # Register of each variant's main loops; baseline x86-64 has SSE2 and no FMA.
 VECTOR_REGISTER = {"avx512": "zmm", "avx2_fma": "ymm", "baseline": "xmm"}
 POLYNOMIAL_FMAS = 5  # FMAs of exp's polynomial (Estrin's order), where the variant has FMA
@@ -79,6 +82,9 @@ def test_every_variant_vectorises_its_exp_loops(kind, isa):
     if kind in MAX_LOOPS:
         packed_maxima = count(instructions, rf"\bv?maxps\s.*%{reg}")
         assert packed_maxima >= MAX_LOOPS[kind], f"{name}: {packed_maxima} packed max loops, expected {MAX_LOOPS[kind]}"
+    if kind in MIN_LOOPS:
+        packed_minima = count(instructions, rf"\bv?minps\s.*%{reg}")
+        assert packed_minima >= MIN_LOOPS[kind], f"{name}: {packed_minima} packed min loops, expected {MIN_LOOPS[kind]}"
     if isa == "baseline":
         assert count(instructions, r"\bv?fmadd") == 0, "the baseline variant must run on any x86-64"
         assert count(instructions, r"%[yz]mm") == 0, "the baseline variant must run on any x86-64"
