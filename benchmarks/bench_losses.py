@@ -1,8 +1,9 @@
 """Forward+backward time of the fused CPU losses against their compute floor, and peak memory.
 
 For each loss, batch size N and embedding dim d, one subprocess times these methods in
-rounds: each round runs every method once, in an order that rotates from round to round, so
-the methods of a round share the machine's state. The ratio to the tiled floor is taken per
+rounds: each round runs every method once, in a balanced order (every method runs in every
+position, and right after every other method, equally often; the rounds are rounded up to a
+whole number of such orders), so the methods of a round share the machine's state. The ratio to the tiled floor is taken per
 round and its median over the rounds is the reported figure, with the lowest and highest round
 (on this kind of machine the same code runs up to 20% slower from one minute to the next, so a
 best-of over separate timings mostly measures luck); best / best is kept as a second figure:
@@ -129,17 +130,34 @@ def make_step(loss: str, method: str, n: int, d: int):
     return step
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Williams design: orders of n methods in which each runs in every position equally often
+    and each directly follows every other one equally often, so neither a method's position in
+    the round nor its predecessor's effect on the caches favours it. n orders for even n (and
+    n = 1), 2n for odd n (the n orders of the Latin square and their reverses)."""
+    first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    orders = [[(f + shift) % n for f in first] for shift in range(n)]
+    return orders if n % 2 == 0 or n == 1 else orders + [o[::-1] for o in orders]
+
+
+def balanced_rounds(rounds: int, n_methods: int) -> int:
+    """rounds rounded up to a whole number of balanced orders."""
+    period = len(balanced_orders(n_methods))
+    return -(-rounds // period) * period
+
+
 def time_worker(loss: str, methods: list[str], n: int, d: int, rounds: int) -> dict:
-    """Subprocess: wall and CPU seconds of every method in every round; round r runs the methods
-    once each, starting at the r-th (rotating), so a round is a paired comparison. CPU seconds
-    (all threads) leave out the time the process waits for a core, which on a shared machine is
-    most of the noise."""
+    """Subprocess: wall and CPU seconds of every method in every round; each round runs the
+    methods once, in the next of the balanced orders, so a round is a paired comparison (rounds
+    rounded up to a whole number of orders). CPU seconds (all threads) leave out the time the
+    process waits for a core, which on a shared machine is most of the noise."""
     steps = {m: make_step(loss, m, n, d) for m in methods}
     for step in steps.values():
         step()  # warm-up
+    orders = balanced_orders(len(methods))
     wall, cpu = {m: [] for m in methods}, {m: [] for m in methods}
-    for r in range(rounds):
-        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+    for r in range(balanced_rounds(rounds, len(methods))):
+        for m in (methods[i] for i in orders[r % len(orders)]):
             t0, c0 = time.perf_counter(), time.process_time()
             steps[m]()
             wall[m].append(time.perf_counter() - t0)
@@ -150,11 +168,12 @@ def time_worker(loss: str, methods: list[str], n: int, d: int, rounds: int) -> d
 
 def paired_ratios(row: dict, floor: dict) -> dict:
     """Ratios to the floor: median, lowest and highest of the per-round ratios (wall and CPU
-    time), and best round / best round."""
+    time), and best round / best round (both)."""
     wall = [a / b for a, b in zip(row["round_seconds"], floor["round_seconds"])]
     cpu = [a / b for a, b in zip(row["round_cpu_seconds"], floor["round_cpu_seconds"])]
     return {"x_tiled_floor": statistics.median(wall), "x_tiled_floor_low": min(wall), "x_tiled_floor_high": max(wall),
-            "cpu_x_tiled_floor": statistics.median(cpu), "x_tiled_floor_best": row["seconds"] / floor["seconds"],
+            "cpu_x_tiled_floor": statistics.median(cpu), "cpu_x_tiled_floor_low": min(cpu),
+            "cpu_x_tiled_floor_high": max(cpu), "x_tiled_floor_best": row["seconds"] / floor["seconds"],
             "cpu_x_tiled_floor_best": row["cpu_seconds"] / floor["cpu_seconds"], "round_ratios": wall}
 
 
@@ -255,6 +274,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="batch sizes N")
@@ -262,8 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--losses", nargs="+", default=["clip", "simcse_hn"], choices=["clip", "simcse_hn"],
                         help="clip: symmetric InfoNCE over N x N; simcse_hn: SimCSE with hard negatives, N x 2N")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="what to time")
-    parser.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=3,
-                        help="rounds; each runs every method once, in rotating order (default 3)")
+    parser.add_argument("--rounds", "--repeat", dest="rounds", type=positive_int, default=4,
+                        help="rounds; each runs every method once, in a balanced order; rounded up to a whole "
+                             "number of orders: a multiple of the method count (of twice it for an odd count above 1; default 4)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses (one extra step per method)")
     parser.add_argument("--out", help="output path prefix for .json/.csv/.png (default: a temp folder)")
@@ -291,6 +318,9 @@ def main(argv=None) -> int:
     peak = peak_gflops()
     print(f"{meta['cpu']}, {meta['threads']} threads, tile kernels: {meta['tile_isa']}; load average {load:.2f}; "
           f"sgemm peak {peak['gflops']:.0f} GFLOP/s ({peak['shape']})", flush=True)
+    if balanced_rounds(args.rounds, len(args.methods)) != args.rounds:
+        print(f"rounds: {balanced_rounds(args.rounds, len(args.methods))} (--rounds {args.rounds} rounded up to "
+              f"whole balanced orders of {len(args.methods)} methods)", flush=True)
     runs, kept = [], []
     if args.merge and out.with_suffix(".json").exists():
         runs, kept = previous_results(out.with_suffix(".json"))
@@ -330,9 +360,10 @@ def previous_results(path: Path) -> tuple[list[dict], list[dict]]:
     runs, rows = (data["runs"], data["rows"]) if "runs" in data else (
         [{"meta": data["meta"], "peak": data["peak"]}], [dict(r, run=0) for r in data["rows"]])
     for r in rows:
-        if "x_tiled_floor" in r and "x_tiled_floor_best" not in r:
-            r["x_tiled_floor_best"] = r.pop("x_tiled_floor")
-            r["cpu_x_tiled_floor_best"] = r.pop("cpu_x_tiled_floor")
+        if "x_tiled_floor_best" not in r:
+            for key in ("x_tiled_floor", "cpu_x_tiled_floor"):
+                if key in r:
+                    r[key + "_best"] = r.pop(key)
     return runs, rows
 
 
@@ -341,7 +372,8 @@ def write(out: Path, runs: list[dict], rows: list[dict]) -> None:
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
     with out.with_suffix(".csv").open("w", newline="") as f:
         keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "x_tiled_floor_low",
-                "x_tiled_floor_high", "x_tiled_floor_best", "cpu_seconds", "cpu_x_tiled_floor", "cpu_x_tiled_floor_best",
+                "x_tiled_floor_high", "x_tiled_floor_best", "cpu_seconds", "cpu_x_tiled_floor",
+                "cpu_x_tiled_floor_low", "cpu_x_tiled_floor_high", "cpu_x_tiled_floor_best",
                 "gflops", "extra_mb", "error", "run"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()
