@@ -1,0 +1,212 @@
+"""Where DeepSpeed's fixed cost per optimizer step goes, at the tiny sizes (no profiler).
+
+One process per rank holds plain-torch (xfast_torch), ZeRO-0 and ZeRO-2 copies of one model (as
+bench_train's paired measurement) and runs one step of each per round on the same in-memory
+batch, in rotating order. Each step is timed in three parts: forward + loss, engine.backward,
+engine.step; the table gives each part's median difference to the torch step of the same round
+(with a distribution-free 95% interval). Inside the ZeRO-2 engine, timers around its optimizer's
+per-step methods (instance attributes of this process's engine: measurement only) say which
+DeepSpeed code the difference is spent in; nested methods overlap (reduce_ipg_grads runs inside
+independent_gradient_partition_epilogue), and each timer costs about a microsecond per call.
+On 2 ranks a part's difference also holds the wait for the other rank at its first collective
+(ZeRO reduces in backward, the torch step in step): compare totals there.
+
+    python benchmarks/bench_deepspeed_step.py                       # tiny_clip, 1 and 2 ranks
+    python benchmarks/bench_deepspeed_step.py --sizes tiny_clap --ranks 1 --rounds 60 --save
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ENGINES = (("torch", "xfast_torch"), ("zero0", "xfast_zero0"), ("zero2", "xfast"))
+PARTS = ("forward_loss", "backward", "step")
+# DeepSpeed 0.19 ZeRO-1/2 optimizer methods that run every step (deepspeed/runtime/zero/stage_1_and_2.py)
+ZERO2_METHODS = ("process_gradients", "update_hook_state_and_maybe_run_epilogue",
+                 "independent_gradient_partition_epilogue", "reduce_ipg_grads", "get_all_grad_tensors",
+                 "get_flat_partition", "scaled_global_norm", "flatten", "flatten_dense_tensors_aligned",
+                 "free_grad_in_param_list", "_optimizer_step", "_update_model_bit16_weights", "zero_grad")
+ZERO2_FUNCTIONS = ("count_used_parameters_in_backward", "all_gather_dp_groups")  # module functions it calls
+
+
+def _interval(diffs: list[float]) -> dict:
+    diffs = sorted(diffs)
+    k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))  # order statistics of the median's 95% interval
+    return {"median": statistics.median(diffs), "ci95": [diffs[k], diffs[-1 - k]]}
+
+
+def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
+    """Runs in the subprocess (one per rank)."""
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+    import torch
+
+    from xfast.config import parse
+    from xfast.models import Objective, ObjectiveConfig
+    from xfast.training import demo_data
+    from xfast.training.engine import init_distributed
+    from xfast.training.process import keep_freed_memory
+    from xfast.training.task import ContrastiveTask
+
+    keep_freed_memory()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    size = bench_train.SIZES[size_name]
+    root, _ = demo_data.ensure()
+    rank, world = init_distributed()
+    model = bench_train._xfast_model(size, root / "tokenizer")
+    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+    plan = objective.plan(0)
+    engines = {}
+    for name, method in ENGINES:
+        task = ContrastiveTask(copy.deepcopy(model), objective)
+        engines[name] = task, bench_train._xfast_engine(task, size, method, world, {})
+    spent: dict[str, float] = {}
+
+    def timed(owner, attr: str) -> None:
+        inner = getattr(owner, attr)
+
+        @functools.wraps(inner)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[attr] = spent.get(attr, 0.0) + time.perf_counter() - start
+        setattr(owner, attr, wrapper)
+
+    for attr in ZERO2_METHODS:
+        timed(engines["zero2"][1].optimizer, attr)
+    for attr in ZERO2_FUNCTIONS:  # looked up in the module at each call; no other engine here calls them
+        timed(zero12, attr)
+    source = bench_train._loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
+    stream = iter(source)
+    batches = list(itertools.islice(stream, 4))
+    stream.close()
+    source.close()
+    group = torch.distributed.group.WORLD if world > 1 else None
+
+    def step(name: str, batch) -> tuple[float, float, float]:
+        task, engine = engines[name]
+        t0 = time.perf_counter()
+        features, shared = engine({"pairs": batch, "plan": plan})
+        loss, _ = task.loss(features, shared, plan, group=group)
+        t1 = time.perf_counter()
+        engine.backward(loss, scale_wrt_gas=False)
+        t2 = time.perf_counter()
+        engine.step()
+        t3 = time.perf_counter()
+        float(loss.detach())
+        return t1 - t0, t2 - t1, t3 - t2
+
+    names = [name for name, _ in ENGINES]
+    for i in range(warmup):
+        for name in names:
+            step(name, batches[i % len(batches)])
+    spent.clear()
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(step(name, batches[i % len(batches)]))
+    if rank != 0:
+        return None
+    result = {"size": size_name, "ranks": world, "rounds": rounds,
+              "parameter_tensors": sum(1 for _ in model.parameters()),
+              "parameter_elements": sum(p.numel() for p in model.parameters()),
+              "ms": {name: {part: 1e3 * statistics.median(t[k] for t in times[name]) for k, part in enumerate(PARTS)}
+                     | {"total": 1e3 * statistics.median(sum(t) for t in times[name])} for name in names},
+              "zero2_methods_ms_per_step": {k: 1e3 * v / rounds for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}}
+    for name in ("zero0", "zero2"):
+        result[f"{name}_minus_torch_ms"] = {
+            part: _interval([1e3 * (a[k] - b[k]) for a, b in zip(times[name], times["torch"])])
+            for k, part in enumerate(PARTS)} | {
+            "total": _interval([1e3 * (sum(a) - sum(b)) for a, b in zip(times[name], times["torch"])])}
+    return result
+
+
+def run(size_name: str, ranks: int, rounds: int, warmup: int) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    port = str(bench_train.free_port())
+    command = [sys.executable, __file__, "--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
+                                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(ranks)]
+    outs = [p.communicate(timeout=1800) for p in procs]
+    line = next((l for l in outs[0][0].splitlines() if l.startswith("RESULT ")), None)
+    if any(p.returncode for p in procs) or line is None:
+        for out, err in outs:
+            print(out[-2000:], err[-3000:], file=sys.stderr)
+        raise SystemExit(f"{size_name} on {ranks} ranks failed (exit {[p.returncode for p in procs]})")
+    return json.loads(line[len("RESULT "):])
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| size | ranks | torch step ms | engine | forward + loss | backward | step | total |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name in ("zero0", "zero2"):
+            cells = [f"{d['median']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+                     for d in (r[f"{name}_minus_torch_ms"][part] for part in (*PARTS, "total"))]
+            lines.append(f"| {r['size']} | {r['ranks']} | {r['ms']['torch']['total']:.1f} | "
+                         f"{'ZeRO-0' if name == 'zero0' else 'ZeRO-2'} - torch | " + " | ".join(cells) + " |")
+    lines += ["", "ZeRO-2 optimizer methods, ms per step (nested ones overlap):", "",
+              "| size | ranks | " + " | ".join(f"`{k}`" for k in results[0]["zero2_methods_ms_per_step"]) + " |",
+              "|---|---|" + "---|" * len(results[0]["zero2_methods_ms_per_step"])]
+    for r in results:
+        keys = results[0]["zero2_methods_ms_per_step"]
+        lines.append(f"| {r['size']} | {r['ranks']} | "
+                     + " | ".join(f"{r['zero2_methods_ms_per_step'].get(k, 0.0):.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny_clip"], choices=("tiny_clip", "tiny_clap"),
+                        help="model sizes of bench_train (default tiny_clip)")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts (default 1 2)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/deepspeed_step.{json,md}")
+    parser.add_argument("--worker", metavar="SIZE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or any(r < 1 for r in args.ranks):
+        parser.error("--rounds must be >= 2 and --ranks >= 1")
+    if args.worker:
+        result = worker(args.worker, args.rounds, args.warmup)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    command = " ".join(["python", "benchmarks/bench_deepspeed_step.py", *(argv if argv is not None else sys.argv[1:])])
+    results = []
+    for size_name in args.sizes:
+        for ranks in args.ranks:
+            load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+            result = run(size_name, ranks, args.rounds, args.warmup)
+            result.update(load_at_start=load, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            results.append(result)
+            print(table([result]), flush=True)
+    text = table(results) + f"\n\n`{command}` on {bench_train.machine()}, {results[-1]['date']}\n"
+    print(text)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "deepspeed_step.json").write_text(json.dumps({"command": command, "machine": bench_train.machine(),
+                                                                  "results": results}, indent=1) + "\n")
+        (RESULTS / "deepspeed_step.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
