@@ -9,10 +9,13 @@ per-step methods (instance attributes of this process's engine: measurement only
 DeepSpeed code the difference is spent in; nested methods overlap (reduce_ipg_grads runs inside
 independent_gradient_partition_epilogue), and each timer costs about a microsecond per call.
 On 2 ranks a part's difference also holds the wait for the other rank at its first collective
-(ZeRO reduces in backward, the torch step in step): compare totals there.
+(ZeRO reduces in backward, the torch step in step): compare totals there. --variant adds further
+ZeRO-2 engines with DeepSpeed config keys over xfast's (same process, same rounds): their total
+difference to the torch step is reported next to xfast's config's.
 
     python benchmarks/bench_deepspeed_step.py                       # tiny_clip, 1 and 2 ranks
     python benchmarks/bench_deepspeed_step.py --sizes tiny_clap --ranks 1 --rounds 60 --save
+    python benchmarks/bench_deepspeed_step.py --variant overlap='{"zero_optimization": {"overlap_comm": true}}'
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def _interval(diffs: list[float]) -> dict:
     return {"median": statistics.median(diffs), "ci95": [diffs[k], diffs[-1 - k]]}
 
 
-def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
+def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) -> dict | None:
     """Runs in the subprocess (one per rank)."""
     import deepspeed.runtime.zero.stage_1_and_2 as zero12
     import torch
@@ -73,6 +76,9 @@ def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
     for name, method in ENGINES:
         task = ContrastiveTask(copy.deepcopy(model), objective)
         engines[name] = task, bench_train._xfast_engine(task, size, method, world, {})
+    for label, extra in variants.items():
+        task = ContrastiveTask(copy.deepcopy(model), objective)
+        engines[f"zero2 {label}"] = task, bench_train._xfast_engine(task, size, "xfast", world, extra)
     spent: dict[str, float] = {}
 
     def timed(owner, attr: str) -> None:
@@ -111,7 +117,7 @@ def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
         float(loss.detach())
         return t1 - t0, t2 - t1, t3 - t2
 
-    names = [name for name, _ in ENGINES]
+    names = list(engines)
     for i in range(warmup):
         for name in names:
             step(name, batches[i % len(batches)])
@@ -128,6 +134,9 @@ def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
               "ms": {name: {part: 1e3 * statistics.median(t[k] for t in times[name]) for k, part in enumerate(PARTS)}
                      | {"total": 1e3 * statistics.median(sum(t) for t in times[name])} for name in names},
               "zero2_methods_ms_per_step": {k: 1e3 * v / rounds for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}}
+    result["variants"] = {label: {"extra": extra, "total_minus_torch_ms": _interval(
+        [1e3 * (sum(a) - sum(b)) for a, b in zip(times[f"zero2 {label}"], times["torch"])])}
+        for label, extra in variants.items()}
     for name in ("zero0", "zero2"):
         result[f"{name}_minus_torch_ms"] = {
             part: _interval([1e3 * (a[k] - b[k]) for a, b in zip(times[name], times["torch"])])
@@ -136,10 +145,11 @@ def worker(size_name: str, rounds: int, warmup: int) -> dict | None:
     return result
 
 
-def run(size_name: str, ranks: int, rounds: int, warmup: int) -> dict:
+def run(size_name: str, ranks: int, rounds: int, warmup: int, variants: dict[str, dict]) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     port = str(bench_train.free_port())
-    command = [sys.executable, __file__, "--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup)]
+    command = [sys.executable, __file__, "--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup),
+               *(f"--variant={label}={json.dumps(extra)}" for label, extra in variants.items())]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
                                        LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -162,6 +172,14 @@ def table(results: list[dict]) -> str:
                      for d in (r[f"{name}_minus_torch_ms"][part] for part in (*PARTS, "total"))]
             lines.append(f"| {r['size']} | {r['ranks']} | {r['ms']['torch']['total']:.1f} | "
                          f"{'ZeRO-0' if name == 'zero0' else 'ZeRO-2'} - torch | " + " | ".join(cells) + " |")
+    for r in results:
+        for label, v in r.get("variants", {}).items():
+            d = v["total_minus_torch_ms"]
+            lines.append(f"| {r['size']} | {r['ranks']} | {r['ms']['torch']['total']:.1f} | ZeRO-2 {label} - torch "
+                         f"| | | | "
+                         f"{d['median']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
+    labels = {label: v["extra"] for r in results for label, v in r.get("variants", {}).items()}
+    lines += [""] + [f"- ZeRO-2 {label}: xfast's config + `{json.dumps(extra)}`" for label, extra in labels.items()]
     lines += ["", "ZeRO-2 optimizer methods, ms per step (nested ones overlap):", "",
               "| size | ranks | " + " | ".join(f"`{k}`" for k in results[0]["zero2_methods_ms_per_step"]) + " |",
               "|---|---|" + "---|" * len(results[0]["zero2_methods_ms_per_step"])]
@@ -179,13 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts (default 1 2)")
     parser.add_argument("--rounds", type=int, default=40, help="timed rounds (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                        help="a further ZeRO-2 engine with these DeepSpeed config keys over xfast's (repeatable), "
+                             "e.g. overlap='{\"zero_optimization\": {\"overlap_comm\": true}}'")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/deepspeed_step.{json,md}")
     parser.add_argument("--worker", metavar="SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 2 or any(r < 1 for r in args.ranks):
         parser.error("--rounds must be >= 2 and --ranks >= 1")
+    variants = {}
+    for text in args.variant:
+        label, sep, extra = text.partition("=")
+        try:
+            variants[label] = json.loads(extra)
+        except json.JSONDecodeError as err:
+            parser.error(f"--variant {text!r}: not LABEL=JSON ({err})")
+        if not sep or not label or not isinstance(variants[label], dict):
+            parser.error(f"--variant {text!r}: not LABEL=JSON with a JSON object")
     if args.worker:
-        result = worker(args.worker, args.rounds, args.warmup)
+        result = worker(args.worker, args.rounds, args.warmup, variants)
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -194,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_name in args.sizes:
         for ranks in args.ranks:
             load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-            result = run(size_name, ranks, args.rounds, args.warmup)
+            result = run(size_name, ranks, args.rounds, args.warmup, variants)
             result.update(load_at_start=load, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             results.append(result)
             print(table([result]), flush=True)
