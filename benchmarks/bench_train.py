@@ -33,7 +33,8 @@ Methods (METHODS):
   xfast_torch   the same step without DeepSpeed (plain torch AdamW + clipping; on 2 ranks one
                 flat gradient all-reduce, as DDP): what xfast costs without DeepSpeed.
   transformers  CLIPModel / ClapModel from config objects, return_loss=True (materialises the
-                N x N logits), loss.backward(), clip_grad_norm_, torch AdamW.
+                N x N logits), loss.backward(), clip_grad_norm_, torch AdamW (torch's default:
+                on CPU a loop over the parameters; --baseline-adamw fused gives it xfast's kernel).
   xfast_2ranks  xfast at ZeRO-2 on 2 ranks (1 thread each): each rank scores its own rows
                 through xfast's distributed fused loss.
   open_clip_2ranks  the HF towers on 2 ranks with open_clip's recipe: features gathered with
@@ -235,14 +236,22 @@ def _hf_model(size: dict, tokenizer):
     return CLIPModel(config), "pixel_values"
 
 
-def _transformers_step_fn(size: dict, tokenizer_dir: Path):
+def _baseline_adamw(params, adamw_kernel: str):
+    """The baselines' AdamW: torch's default (on CPU a Python loop over the parameters: what a plain
+    loop gets) or, with --baseline-adamw fused, the fused kernel xfast uses."""
+    import torch
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
+                             **({"fused": True} if adamw_kernel == "fused" else {}))
+
+
+def _transformers_step_fn(size: dict, tokenizer_dir: Path, adamw_kernel: str = "default"):
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model, media_key = _hf_model(size, tokenizer)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = _baseline_adamw(model.parameters(), adamw_kernel)
 
     def step(micro):
         batch = micro[0] if len(micro) == 1 else {k: torch.cat([m[k] for m in micro])
@@ -258,7 +267,7 @@ def _transformers_step_fn(size: dict, tokenizer_dir: Path):
     return tokenizer, step, sum(p.numel() for p in model.parameters())
 
 
-def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
+def _open_clip_step_fn(size: dict, tokenizer_dir: Path, adamw_kernel: str = "default"):
     """open_clip's distributed recipe on the HF towers: gather_with_grad + local_loss, DDP-averaged
     gradients (one flat all-reduce, as DDP's buckets amount to on CPU)."""
     import torch
@@ -275,7 +284,7 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
         dist.broadcast(p.data, 0)
     model.train()
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = _baseline_adamw(params, adamw_kernel)
 
     def step(micro):
         batch = micro[0] if len(micro) == 1 else {k: torch.cat([m[k] for m in micro])
@@ -301,7 +310,7 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path):
 
 
 def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_extra: dict, threads: int,
-           malloc: str) -> dict | None:
+           malloc: str, adamw_kernel: str = "default") -> dict | None:
     """Runs in the subprocess (one per rank): `warmup` untimed steps, then `steps` timed ones."""
     import torch
 
@@ -313,9 +322,9 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     size = SIZES[size_name]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if method in ("transformers",):
-        tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer")
+        tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer", adamw_kernel)
     elif method == "open_clip_2ranks":
-        tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer")
+        tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer", adamw_kernel)
     else:
         tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world, ds_extra)
     micro_batches = size["micro_batches"]
@@ -454,10 +463,11 @@ def _run(args: list[str], world: int, what: str) -> dict:
 
 
 def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict, threads: int = 1,
-            malloc: str = "xfast") -> dict:
+            malloc: str = "xfast", adamw_kernel: str = "default") -> dict:
     """One throughput measurement in fresh subprocesses (one per rank); returns rank 0's result."""
     return _run(["--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
-                 "--ds-extra", json.dumps(ds_extra), "--threads", str(threads), "--malloc", malloc],
+                 "--ds-extra", json.dumps(ds_extra), "--threads", str(threads), "--malloc", malloc,
+                 "--baseline-adamw", adamw_kernel],
                 ranks_of(method), f"{size_name}/{method}")
 
 
@@ -509,7 +519,8 @@ def summarize(runs: dict, sizes, methods_of, paired: dict) -> list[dict]:
 
 HEADER = ("Training throughput on CPU: 1 thread per process unless the command says --threads (2-rank methods: 2 processes), best of "
           "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
-          "xfast methods only (unless the command says --malloc). vs transformers: the median "
+          "xfast methods only (unless the command says --malloc); the baselines' AdamW is torch's default (unless the "
+          "command says --baseline-adamw fused), xfast's the fused kernel. vs transformers: the median "
           "over rounds of each round's ratio (every round runs each method once, in rotating order), then "
           "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
@@ -592,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(xfast.training.process.keep_freed_memory): xfast = the xfast methods, as the "
                              "Trainer does (default); all = the baselines too, to show what the setting alone is "
                              "worth; none = glibc's defaults everywhere")
+    parser.add_argument("--baseline-adamw", choices=("default", "fused"), default="default",
+                        help="the transformers / open_clip baselines' AdamW: torch's default (on CPU a Python loop "
+                             "over the parameters, what a plain loop gets; default) or fused=True, the kernel "
+                             "xfast uses, to show what that flag alone is worth")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/train.{json,md}")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--paired", metavar="SIZE", help=argparse.SUPPRESS)
@@ -605,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     from xfast.training import demo_data
     root, _ = demo_data.ensure()
     if args.worker:
-        result = worker(*args.worker, args.steps, args.warmup, root, args.ds_extra, args.threads, args.malloc)
+        result = worker(*args.worker, args.steps, args.warmup, root, args.ds_extra, args.threads, args.malloc,
+                        args.baseline_adamw)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
@@ -633,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
         steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
-        result = measure(size_name, method, steps, warmup, args.ds_extra, args.threads, args.malloc)
+        result = measure(size_name, method, steps, warmup, args.ds_extra, args.threads, args.malloc,
+                         args.baseline_adamw)
         runs.setdefault((size_name, method), []).append(result)
         print(f"{size_name}/{method}: {result['samples_per_s']:.0f} samples/s, data wait {result['data_wait_share']:.0%}, "
               f"per step: training process {result['step_cpu_ms']:.1f} ms CPU ({result['step_sys_ms']:.1f} in the "

@@ -159,31 +159,42 @@ def deepspeed_config(*, micro_batch_size: int, accumulation_steps: int, world_si
         # per step on GPUs for a figure the trainer logs itself.
         "timers": {"throughput": {"enabled": False}},
     }
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
+    return _merged(config, extra or {})
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """override's keys over base's, recursively into sections both have as dicts (a user's
+    {"timers": {"throughput": {"synchronized": false}}} keeps xfast's "enabled": false)."""
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both_dicts else value
+    return merged
 
 
 def adamw(module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-          tower_lr: dict[str, float] | None = None) -> torch.optim.AdamW:
+          tower_lr: dict[str, float] | None = None, device_type: str | None = None) -> torch.optim.AdamW:
     """torch AdamW over param_groups(module): fused (one kernel per group of tensors) where every
-    parameter is a float tensor on the CPU or a CUDA device, else foreach (one multi-tensor update
-    per group); torch's default on CPU is a Python loop over the parameters. Fused and foreach are
-    the same AdamW, rounded differently (the fused kernel uses its own order of operations). ZeRO
-    1-3 hand the optimizer their fp32 partitions instead, a few flat tensors on the same device."""
+    parameter is a float tensor and the device it trains on (device_type, e.g. DeepSpeed's
+    accelerator, which the module is moved to after this; default: where the parameters are now)
+    is the CPU or a CUDA device; else foreach (one multi-tensor update per group). torch's own
+    default on CPU is a Python loop over the parameters. Fused and foreach are the same AdamW,
+    rounded differently (the fused kernel has its own order of operations, and its vector body and
+    tail round differently, so a flat tensor and the same values as separate tensors can differ in
+    the last bit). ZeRO 1-3 (and bf16 at ZeRO-0) hand the optimizer their flat fp32 partitions
+    instead, one per parameter group."""
     groups = param_groups(module, lr=lr, weight_decay=weight_decay, tower_lr=tower_lr)
     for group in groups:
         del group["names"]
-    kernel = {"fused": True} if all(fused_adamw_supports(p) for g in groups for p in g["params"]) else {"foreach": True}
+    fused = all(fused_adamw_supports(p, device_type) for g in groups for p in g["params"])
+    kernel = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
 
 
-def fused_adamw_supports(param: torch.Tensor) -> bool:
-    """torch's fused AdamW takes this parameter: a floating-point tensor on the CPU or a CUDA device."""
-    return param.is_floating_point() and param.device.type in ("cpu", "cuda")
+def fused_adamw_supports(param: torch.Tensor, device_type: str | None = None) -> bool:
+    """torch's fused AdamW takes this parameter on device_type (default: its own device): a
+    floating-point tensor on the CPU or a CUDA device."""
+    return param.is_floating_point() and (device_type or param.device.type) in ("cpu", "cuda")
 
 
 def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
@@ -196,7 +207,8 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     """
     import deepspeed
 
-    optimizer = adamw(module, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, tower_lr=tower_lr)
+    optimizer = adamw(module, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, tower_lr=tower_lr,
+                      device_type=comm_device().type)
     schedule = WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     import_muon()  # before deepspeed.initialize imports it with its kernels compiled (deepspeed_muon.py)
