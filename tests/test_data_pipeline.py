@@ -19,7 +19,7 @@ from tests.data_fixtures import (
     write_tar,
 )
 from xfast.config import ConfigError
-from xfast.data import DataError, build_loader, expand_urls, read_sizes
+from xfast.data import DataError, build_loader, expand_urls, read_sizes, transfer
 from xfast.data.pipeline import ShardStream
 
 
@@ -402,9 +402,13 @@ def test_augmentation_generator_is_the_seed_sequence_of_seed_epoch_sample(seed):
 
 
 @pytest.mark.parametrize("modality", ["image", "audio"])
-def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, modality):
-    """Workers build image/audio batches in shared memory (nothing copied on sending): 1 worker
-    (one slot, the same order) gives exactly the tensors of the in-process loader."""
+@pytest.mark.parametrize("route", ["pipe", "shared memory"])
+def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, modality, route, monkeypatch):
+    """Small batches travel through the worker's pipe as arrays, large ones in shared memory
+    (PIPE_BYTES 0 sends these small ones that way): either way 1 worker (one slot, the same order)
+    gives exactly the tensors of the in-process loader."""
+    if route == "shared memory":
+        monkeypatch.setattr(transfer, "PIPE_BYTES", 0)  # the forked worker inherits it
     make = image_samples if modality == "image" else audio_samples
     pattern = write_shards(tmp_path, [5, 6], make=make)
     runs = []
@@ -417,3 +421,30 @@ def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, 
         assert in_process["__key__"] == from_worker["__key__"]
         for key in (media, "input_ids", "attention_mask"):
             assert from_worker[key].dtype == in_process[key].dtype and torch.equal(from_worker[key], in_process[key])
+            assert from_worker[key].is_shared() == (route == "shared memory")
+
+
+def test_only_batches_that_fit_the_pipe_are_sent_as_arrays():
+    shared = torch.arange(6.0).share_memory_()
+    batch = {"__key__": ["a", "b"], "ids": torch.arange(4), "pixels": shared, "mask": torch.ones(2, 3)}
+    sent = transfer.for_pipe(batch)
+    assert isinstance(sent["ids"], np.ndarray) and isinstance(sent["mask"], np.ndarray)
+    assert sent["pixels"] is shared and sent["__key__"] == ["a", "b"]  # already shared: its handle is sent
+    back = transfer.from_pipe(sent)
+    assert back.keys() == batch.keys() and back["__key__"] == ["a", "b"] and back["pixels"] is shared
+    for key in ("ids", "mask"):
+        assert back[key].dtype == batch[key].dtype and torch.equal(back[key], batch[key])
+    large = {"x": torch.zeros(transfer.PIPE_BYTES // 4 + 1), "y": torch.zeros(1)}  # float32: 4 bytes over
+    assert all(isinstance(v, torch.Tensor) for v in transfer.for_pipe(large).values())
+
+
+def test_the_workers_pipes_hold_a_batch_of_pipe_bytes():
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("pipe sizes are Linux's")
+    limit = int(open("/proc/sys/fs/pipe-max-size").read())
+    if limit < transfer.PIPE_BYTES:
+        pytest.skip(f"this system allows pipes of {limit} bytes")
+    queue = transfer.large_pipe_context().Queue()
+    assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == transfer.PIPE_BYTES
+    queue.close()

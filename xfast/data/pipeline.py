@@ -37,6 +37,7 @@ from xfast.data.config import DataConfig
 from xfast.data.processors import PROCESSORS
 from xfast.data.skips import DataError, SampleSkipped, empty_counts
 from xfast.data.sources import expand_urls, read_shard, read_sizes, shard_sizes
+from xfast.data.transfer import as_sent, for_pipe, from_pipe, large_pipe_context
 
 log = logging.getLogger("xfast.data")
 
@@ -118,7 +119,8 @@ class ShardStream(IterableDataset):
         resume = None
         if self.resume is not None and self.resume["epoch"] == epoch:
             resume = self.resume["workers"][worker]
-        return self._run(epoch, worker, num_workers, resume)
+        batches = self._run(epoch, worker, num_workers, resume)
+        return batches if info is None else map(for_pipe, batches)
 
     def _raw_samples(self, epoch: int, worker: int, num_workers: int, counts: dict, streak: _Streak):
         def on_skip(kind: str, detail: str) -> None:
@@ -351,7 +353,7 @@ class StreamingLoader:
                 if gave_up is not None:
                     raise DataError(f"{gave_up}; skipped so far: {self._nonzero(self.skip_counts())}")
                 continue
-            yield item
+            yield from_pipe(item)
         self._finish_epoch()
 
     def _finish_epoch(self) -> None:
@@ -379,7 +381,8 @@ class StreamingLoader:
         if self._loader is None:
             self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                       persistent_workers=self.cfg.persistent_workers,
-                                      prefetch_factor=self.cfg.prefetch_factor, worker_init_fn=_leave_stop_signals)
+                                      prefetch_factor=self.cfg.prefetch_factor, worker_init_fn=_leave_stop_signals,
+                                      collate_fn=as_sent, multiprocessing_context=large_pipe_context())
         return self._loader
 
     def close(self) -> None:

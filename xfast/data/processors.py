@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 from xfast.data.audio import AUDIO_EXTENSIONS, AudioTransform, LogMel
 from xfast.data.config import DataConfig
 from xfast.data.image import IMAGE_EXTENSIONS, ImageNormalizer, ImageTransform, shared_empty
 from xfast.data.skips import SampleSkipped
 from xfast.data.text import Tokenize, find_captions, find_tags, nli_triplet, sentence
+from xfast.data.transfer import build_shared
 
 
 def _media(sample: dict, extensions: tuple[str, ...]) -> tuple[str, bytes]:
@@ -70,8 +70,8 @@ class ImageCaptionProcessor(_CaptionedMedia):
 
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
-        batch["pixel_values"] = self.normalize(np.stack([item["pixels"] for item in items]),
-                                               shared=get_worker_info() is not None)
+        pixels = np.stack([item["pixels"] for item in items])
+        batch["pixel_values"] = self.normalize(pixels, shared=build_shared(pixels.size * 4))  # float32
         return batch
 
 
@@ -95,8 +95,9 @@ class AudioCaptionProcessor(_CaptionedMedia):
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
         clips = [item["audio"] for item in items]
-        if get_worker_info() is not None:  # stacked into shared memory: sent to the training process without a copy
-            dtype = torch.from_numpy(np.empty(0, dtype=np.result_type(*clips))).dtype
+        dtype = np.result_type(*clips)
+        if build_shared(len(clips) * clips[0].size * dtype.itemsize):  # stacked into shared memory: sent without a copy
+            dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
             audio = shared_empty((len(clips), *clips[0].shape), dtype)
             np.stack(clips, out=audio.numpy())
         else:
