@@ -3,9 +3,9 @@
 For each loss, batch size N and embedding dim d, one subprocess times these methods in
 rounds: each round runs every method once, in a balanced order (every method runs in every
 position, and right after every other method, equally often; the rounds are rounded up to a
-whole number of such orders), so the methods of a round share the machine's state. The ratio to the tiled floor is taken per
-round and its median over the rounds is the reported figure, with the lowest and highest round
-(on this kind of machine the same code runs up to 20% slower from one minute to the next, so a
+whole number of such orders), so the methods of a round share the machine's state. The ratio
+to the tiled floor is taken per round and its median over the rounds is the reported figure,
+with the lowest and highest round (on this kind of machine the same code runs up to 20% slower from one minute to the next, so a
 best-of over separate timings mostly measures luck); best / best is kept as a second figure:
   xfast         the fused CPU backend (tiled C++ kernel, never stores N x M)
   tiled_floor   the same FLOPs as the kernel's four N x M x d GEMMs, done as the kernel does
