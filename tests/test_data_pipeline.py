@@ -2,7 +2,11 @@
 import collections
 import copy
 import json
+import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from tests.data_fixtures import (
     write_tar,
 )
 from xfast.config import ConfigError
-from xfast.data import DataError, build_loader, expand_urls, read_sizes, transfer
+from xfast.data import DataError, build_loader, expand_urls, pipeline, read_sizes, transfer
 from xfast.data.pipeline import ShardStream
 
 
@@ -371,8 +375,6 @@ def test_resume_after_one_worker_finished(tmp_path, tokenizer):
 def test_a_program_exits_while_a_loader_with_workers_is_still_referenced(tmp_path):
     """Workers ignore SIGTERM; before the loader stopped them at exit, multiprocessing's exit
     handler (terminate, then join) waited for them forever."""
-    import subprocess
-    import sys
     pattern = write_shards(tmp_path, [8, 8])
     script = (f"from tests.data_fixtures import data_config, make_tokenizer\n"
               f"from xfast.data import build_loader\n"
@@ -405,10 +407,14 @@ def test_augmentation_generator_is_the_seed_sequence_of_seed_epoch_sample(seed):
 @pytest.mark.parametrize("route", ["pipe", "shared memory"])
 def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, modality, route, monkeypatch):
     """Small batches travel through the worker's pipe as arrays, large ones in shared memory
-    (PIPE_BYTES 0 sends these small ones that way): either way 1 worker (one slot, the same order)
+    (TENSOR_BUDGET 0 sends these small ones that way): either way 1 worker (one slot, the same order)
     gives exactly the tensors of the in-process loader."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the worker inherits the patched budget only when forked")
+    # Forked workers inherit the patched budget whatever the platform's default start method.
+    monkeypatch.setattr(pipeline, "large_pipe_context", lambda: transfer.large_pipe_context("fork"))
     if route == "shared memory":
-        monkeypatch.setattr(transfer, "PIPE_BYTES", 0)  # the forked worker inherits it
+        monkeypatch.setattr(transfer, "TENSOR_BUDGET", 0)
     make = image_samples if modality == "image" else audio_samples
     pattern = write_shards(tmp_path, [5, 6], make=make)
     runs = []
@@ -418,33 +424,167 @@ def test_a_worker_sends_the_batches_the_main_process_makes(tmp_path, tokenizer, 
     media = "pixel_values" if modality == "image" else "input_features"
     assert len(runs[0]) == len(runs[1]) == 3
     for in_process, from_worker in zip(*runs):
-        assert in_process["__key__"] == from_worker["__key__"]
+        assert in_process.keys() == from_worker.keys() and in_process["__key__"] == from_worker["__key__"]
         for key in (media, "input_ids", "attention_mask"):
-            assert from_worker[key].dtype == in_process[key].dtype and torch.equal(from_worker[key], in_process[key])
-            assert from_worker[key].is_shared() == (route == "shared memory")
+            want, got = in_process[key], from_worker[key]
+            assert got.dtype == want.dtype and torch.equal(got, want)
+            assert got.is_shared() == (route == "shared memory")
+            if route == "pipe":  # the shared-memory batch is built contiguous
+                assert got.stride() == want.stride()
+
+
+def _in_worker(monkeypatch):
+    monkeypatch.setattr(transfer, "get_worker_info", lambda: object())
 
 
 def test_only_batches_that_fit_the_pipe_are_sent_as_arrays():
     shared = torch.arange(6.0).share_memory_()
-    batch = {"__key__": ["a", "b"], "ids": torch.arange(4), "pixels": shared, "mask": torch.ones(2, 3)}
+    batch = {"__key__": ["a", "b"], "ids": torch.arange(4), "pixels": shared, "mask": torch.ones(2, 3),
+             "ids_as_array": np.arange(3)}
     sent = transfer.for_pipe(batch)
     assert isinstance(sent["ids"], np.ndarray) and isinstance(sent["mask"], np.ndarray)
     assert sent["pixels"] is shared and sent["__key__"] == ["a", "b"]  # already shared: its handle is sent
     back = transfer.from_pipe(sent)
     assert back.keys() == batch.keys() and back["__key__"] == ["a", "b"] and back["pixels"] is shared
+    assert isinstance(back["ids_as_array"], np.ndarray)  # only what for_pipe made turns back into tensors
     for key in ("ids", "mask"):
         assert back[key].dtype == batch[key].dtype and torch.equal(back[key], batch[key])
-    large = {"x": torch.zeros(transfer.PIPE_BYTES // 4 + 1), "y": torch.zeros(1)}  # float32: 4 bytes over
-    assert all(isinstance(v, torch.Tensor) for v in transfer.for_pipe(large).values())
+    large = {"x": torch.zeros(transfer.TENSOR_BUDGET // 4 + 1), "y": torch.zeros(1)}  # float32: 4 bytes over
+    assert transfer.for_pipe(large) is large
 
 
-def test_the_workers_pipes_hold_a_batch_of_pipe_bytes():
+def test_tensors_numpy_cannot_hold_take_torchs_route():
+    """bfloat16 (no numpy dtype), a tensor that requires grad, a conjugate view, a view with gaps
+    and a broadcast one stay tensors (torch's route keeps them exact); the rest of the batch still
+    goes as arrays."""
+    plain = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    odd = {"bf16": plain.to(torch.bfloat16), "grad": plain.clone().requires_grad_(),
+           "conj": torch.complex(plain, plain).conj(), "gaps": plain[:, ::2], "broadcast": plain[:1].expand(4, 3)}
+    sent = transfer.for_pipe({"plain": plain, **odd})
+    assert isinstance(sent["plain"], np.ndarray) and list(sent[transfer.PIPED]) == ["plain"]
+    for key, value in odd.items():
+        assert sent[key] is value
+    back = transfer.from_pipe(sent)
+    assert torch.equal(back["plain"], plain) and back["bf16"].dtype == torch.bfloat16
+
+
+def test_permuted_tensors_arrive_with_their_strides():
+    """The log-mel batch is a transposed view: it travels as its block of memory and arrives with
+    the same shape and strides (also a size-1 dimension's), through a real pickle."""
+    from multiprocessing.reduction import ForkingPickler
+
+    base = torch.randn(4, 16, 32)
+    batch = {"features": base.transpose(1, 2)[:, None], "ids": torch.arange(6).reshape(2, 3).t(),
+             "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    sent = pickle.loads(ForkingPickler.dumps(transfer.for_pipe(batch)))
+    assert list(sent[transfer.PIPED]) == list(batch)
+    back = transfer.from_pipe(sent)
+    for key, want in batch.items():
+        got = back[key]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_build_shared_and_for_pipe_apply_one_budget(monkeypatch, over):
+    """A media tensor that, with the batch's text, fits TENSOR_BUDGET exactly is built privately and
+    the whole batch goes through the pipe; one byte more and the media is built in shared memory while
+    the text still goes through the pipe (it never ends up copied by torch's shared-memory path)."""
+    _in_worker(monkeypatch)
+    batch = {"__key__": ["a"], "input_ids": torch.zeros(2 << 10, dtype=torch.long)}  # 16 KiB of text
+    media = transfer.TENSOR_BUDGET - batch["input_ids"].nbytes + over
+    shared = transfer.build_shared(batch, media)
+    assert shared == bool(over)
+    batch["pixels"] = torch.zeros(media, dtype=torch.uint8)
+    if shared:
+        batch["pixels"].share_memory_()
+    sent = transfer.for_pipe(batch)
+    assert isinstance(sent["input_ids"], np.ndarray)
+    assert isinstance(sent["pixels"], np.ndarray) != shared
+
+
+def test_a_batch_at_the_budget_fits_the_pipe_pickled():
+    """The headroom of TENSOR_BUDGET holds the pickle's framing and a tiny eval batch's keys and
+    captions: the message the worker writes is at most PIPE_BYTES."""
+    from multiprocessing.reduction import ForkingPickler
+
+    keys = [f"{i:09d}" for i in range(32)]
+    batch = {"__key__": keys, "captions": [[f"a caption of sample {k}, long enough to count" * 2] for k in keys],
+             "input_ids": torch.zeros(32, 77, dtype=torch.long), "attention_mask": torch.ones(32, 77, dtype=torch.long)}
+    text = batch["input_ids"].nbytes * 2
+    batch["pixel_values"] = torch.zeros((transfer.TENSOR_BUDGET - text) // 4)
+    sent = transfer.for_pipe(batch)
+    assert list(sent[transfer.PIPED]) == ["input_ids", "attention_mask", "pixel_values"]
+    counters = {"__worker__": 3, "__epoch__": 12, "__drawn__": 10**9, "__batches__": 10**7,
+                "__skips__": {f"skip_kind_{i}": 10**6 for i in range(12)}}
+    message = ForkingPickler.dumps((10**9, {**sent, **counters}))  # torch sends (index, batch)
+    assert len(message) <= transfer.PIPE_BYTES
+
+
+def _pipe_size(fcntl, queue):
+    return fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ)
+
+
+def test_the_loaders_result_pipe_holds_pipe_bytes_and_only_it_is_enlarged():
     fcntl = pytest.importorskip("fcntl")
-    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
         pytest.skip("pipe sizes are Linux's")
-    limit = int(open("/proc/sys/fs/pipe-max-size").read())
-    if limit < transfer.PIPE_BYTES:
-        pytest.skip(f"this system allows pipes of {limit} bytes")
-    queue = transfer.large_pipe_context().Queue()
-    assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == transfer.PIPE_BYTES
-    queue.close()
+    probe, other = os.pipe()
+    try:
+        fcntl.fcntl(other, fcntl.F_SETPIPE_SZ, transfer.PIPE_BYTES)
+    except OSError as error:  # above pipe-max-size, or this user's pipe quota is spent
+        pytest.skip(f"this system does not give this user a pipe of {transfer.PIPE_BYTES} bytes: {error}")
+    finally:
+        os.close(probe)
+        os.close(other)
+
+    class Numbers(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(2)
+
+    loader = torch.utils.data.DataLoader(Numbers(), batch_size=None, num_workers=2,
+                                         multiprocessing_context=transfer.large_pipe_context())
+    for _ in range(2):  # the second iterator as well (non-persistent workers: a new one per epoch)
+        batches = iter(loader)
+        assert _pipe_size(fcntl, batches._worker_result_queue) == transfer.PIPE_BYTES
+        default = _pipe_size(fcntl, batches._index_queues[0])
+        assert default < transfer.PIPE_BYTES
+        assert all(_pipe_size(fcntl, queue) == default for queue in batches._index_queues)
+        assert sorted(batches) == [0, 0, 1, 1]
+        del batches
+
+
+def test_a_refused_enlargement_is_logged_once(monkeypatch, caplog):
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        pytest.skip("pipe sizes are Linux's")
+
+    def refuse(fd, command, *args):
+        if command == fcntl.F_SETPIPE_SZ:
+            raise PermissionError(1, "Operation not permitted")
+        return fcntl.fcntl(fd, command, *args)
+
+    monkeypatch.setattr(transfer, "fcntl", type("Refusing", (), {"fcntl": staticmethod(refuse),
+                                                                 "F_SETPIPE_SZ": fcntl.F_SETPIPE_SZ}))
+    monkeypatch.setattr(transfer, "_refusal_logged", False)
+    queues = []
+    for _ in range(3):
+        context = transfer.large_pipe_context()
+        queues.append(context.Queue())
+        context.Event()
+    refusals = [r for r in caplog.records if r.name == "xfast.data.transfer" and "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "Operation not permitted" in refusals[0].getMessage()
+    for queue in queues:
+        queue.close()
+
+
+def test_transfer_imports_without_fcntl():
+    """Not a POSIX system: the module imports, and the context is the plain one."""
+    script = ("import sys; sys.modules['fcntl'] = None\n"
+              "import multiprocessing\n"
+              "from xfast.data import transfer\n"
+              "assert transfer.fcntl is None\n"
+              "assert type(transfer.large_pipe_context()) is type(multiprocessing.get_context())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]

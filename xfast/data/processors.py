@@ -71,7 +71,7 @@ class ImageCaptionProcessor(_CaptionedMedia):
     def collate(self, items: list[dict]) -> dict:
         batch = self._collate_text(items)
         pixels = np.stack([item["pixels"] for item in items])
-        batch["pixel_values"] = self.normalize(pixels, shared=build_shared(pixels.size * 4))  # float32
+        batch["pixel_values"] = self.normalize(pixels, shared=build_shared(batch, pixels.size * 4))  # float32
         return batch
 
 
@@ -96,7 +96,7 @@ class AudioCaptionProcessor(_CaptionedMedia):
         batch = self._collate_text(items)
         clips = [item["audio"] for item in items]
         dtype = np.result_type(*clips)
-        if build_shared(len(clips) * clips[0].size * dtype.itemsize):  # stacked into shared memory: sent without a copy
+        if build_shared(batch, len(clips) * clips[0].size * dtype.itemsize):  # stacked into shared memory: sent without a copy
             dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
             audio = shared_empty((len(clips), *clips[0].shape), dtype)
             np.stack(clips, out=audio.numpy())
