@@ -128,11 +128,13 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(data):
 
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_before_a_checkpoint_can_hold_it(data, launcher):
-    # A learning rate of 1e30 (no warmup) takes the weights to ~1e30 in step 1 and the loss to NaN
-    # in step 2, a repeated step whose features are not checked; logging comes only at step 100,
-    # so the save due at step 2 is what must refuse, keeping step 1 as the latest checkpoint.
+    # A learning rate of 1e30 (no warmup) on both towers takes their weights to ~1e30 in step 1 and
+    # the loss to NaN in step 2, a repeated step whose features are not checked; logging comes only
+    # at step 100, so the save due at step 2 is what must refuse, keeping step 1 as the latest
+    # checkpoint. The logit scale keeps an ordinary rate: driven to 0 it would be refused by the
+    # loss kernel first (a non-positive scale), not by the save.
     cfg = crash_config(data, 0)
-    cfg["train"].update(lr=1e30, warmup_steps=0, steps=4)
+    cfg["train"].update(lr=1e-3, tower_lr={"text": 1e30, "media": 1e30}, warmup_steps=0, steps=4)
     cfg["logging"]["every_steps"] = 100
     cfg["checkpoint"]["every_steps"] = 1
     cfg.pop("eval")
