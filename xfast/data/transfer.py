@@ -42,11 +42,15 @@ log = logging.getLogger(__name__)
 _refusal_logged = False
 
 
+def _in_memory_order(value: torch.Tensor) -> torch.Tensor:
+    """The tensor with its dimensions permuted into memory order (largest stride first)."""
+    return value.permute(sorted(range(value.dim()), key=lambda d: -value.stride(d)))
+
+
 def _dense(value: torch.Tensor) -> bool:
     """Whether the tensor's elements fill a block of memory without gaps or overlaps (contiguous,
     or a permutation of contiguous such as the log-mel's transposed view)."""
-    order = sorted(range(value.dim()), key=lambda d: -value.stride(d))
-    return value.permute(order).is_contiguous()
+    return _in_memory_order(value).is_contiguous()
 
 
 def _pipeable(value) -> bool:
@@ -70,8 +74,7 @@ def build_shared(batch: dict, nbytes: int) -> bool:
 
 def _memory(value: torch.Tensor):
     """The tensor's block of memory as a flat numpy array, in memory order (no copy)."""
-    order = sorted(range(value.dim()), key=lambda d: -value.stride(d))
-    return value.permute(order).reshape(-1).numpy()
+    return _in_memory_order(value).reshape(-1).numpy()
 
 
 def for_pipe(batch: dict) -> dict:
