@@ -24,9 +24,7 @@ import copy
 import functools
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,9 +44,8 @@ ZERO2_FUNCTIONS = ("count_used_parameters_in_backward", "all_gather_dp_groups") 
 
 
 def _interval(diffs: list[float]) -> dict:
-    diffs = sorted(diffs)
-    k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))  # order statistics of the median's 95% interval
-    return {"median": statistics.median(diffs), "ci95": [diffs[k], diffs[-1 - k]]}
+    median, ci95 = bench_train.median_interval(diffs)
+    return {"median": median, "ci95": ci95}
 
 
 def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) -> dict | None:
@@ -146,21 +143,9 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
 
 
 def run(size_name: str, ranks: int, rounds: int, warmup: int, variants: dict[str, dict]) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    port = str(bench_train.free_port())
-    command = [sys.executable, __file__, "--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup),
-               *(f"--variant={label}={json.dumps(extra)}" for label, extra in variants.items())]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
-                                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(ranks)]
-    outs = [p.communicate(timeout=1800) for p in procs]
-    line = next((l for l in outs[0][0].splitlines() if l.startswith("RESULT ")), None)
-    if any(p.returncode for p in procs) or line is None:
-        for out, err in outs:
-            print(out[-2000:], err[-3000:], file=sys.stderr)
-        raise SystemExit(f"{size_name} on {ranks} ranks failed (exit {[p.returncode for p in procs]})")
-    return json.loads(line[len("RESULT "):])
+    return bench_train.run_ranks(["--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup),
+                                  *(f"--variant={label}={json.dumps(extra)}" for label, extra in variants.items())],
+                                 ranks, f"{size_name} on {ranks} ranks", script=__file__)
 
 
 def table(results: list[dict]) -> str:

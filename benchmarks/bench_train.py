@@ -432,19 +432,26 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
         return None
     result = {"ranks": world, "steps": steps, "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
     for method in PAIRED[1:]:
-        diffs = sorted(1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"]))
-        # distribution-free 95% interval of the median: order statistics n/2 -+ 0.98 sqrt(n)
-        k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))
-        result[method] = {"deepspeed_ms_per_step": statistics.median(diffs), "ci95": [diffs[k], diffs[-1 - k]]}
+        median, ci95 = median_interval([1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"])])
+        result[method] = {"deepspeed_ms_per_step": median, "ci95": ci95}
     return result
 
 
-def _run(args: list[str], world: int, what: str) -> dict:
-    """This script with `args` in fresh subprocesses (one per rank); returns rank 0's RESULT."""
+def median_interval(diffs: list[float]) -> tuple[float, list[float]]:
+    """The median of per-round differences and its distribution-free 95% interval (order
+    statistics n/2 -+ 0.98 sqrt(n))."""
+    diffs = sorted(diffs)
+    k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))
+    return statistics.median(diffs), [diffs[k], diffs[-1 - k]]
+
+
+def run_ranks(args: list[str], world: int, what: str, script: str = __file__) -> dict:
+    """`script` (a benchmark that prints "RESULT <json>" on rank 0) with `args` in fresh
+    subprocesses (one per rank); returns rank 0's RESULT."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, __file__, *args]
+    command = [sys.executable, script, *args]
     if world > 1:
         port = str(free_port())
         envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -465,7 +472,7 @@ def _run(args: list[str], world: int, what: str) -> dict:
 def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict, threads: int = 1,
             malloc: str = "xfast", adamw_kernel: str = "default") -> dict:
     """One throughput measurement in fresh subprocesses (one per rank); returns rank 0's result."""
-    return _run(["--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
+    return run_ranks(["--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
                  "--ds-extra", json.dumps(ds_extra), "--threads", str(threads), "--malloc", malloc,
                  "--baseline-adamw", adamw_kernel],
                 ranks_of(method), f"{size_name}/{method}")
@@ -473,7 +480,7 @@ def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict
 
 def measure_paired(size_name: str, ranks: int, steps: int, warmup: int, ds_extra: dict, malloc: str = "xfast") -> dict:
     """paired_worker on `ranks` ranks (each rank its share of the batch, as the demo's 2 ranks)."""
-    return _run(["--paired", size_name, "--paired-steps", str(steps), "--warmup", str(warmup),
+    return run_ranks(["--paired", size_name, "--paired-steps", str(steps), "--warmup", str(warmup),
                  "--ds-extra", json.dumps(ds_extra), "--malloc", malloc], ranks, f"{size_name}/paired on {ranks} ranks")
 
 
