@@ -7,22 +7,28 @@
 // whole loss costs four N x M x d GEMMs and nothing of size N x M is ever stored. The
 // element-wise work on a tile is in similarity_lse_tiles.cpp.
 //
-// Threads: rows and columns are each split into G = min(threads, ...) groups, making G x G
-// cells, run in G rounds; round k runs the cells (r, (r + k) mod G) in parallel. No two cells
-// of a round share a row group or a column group, so each cell updates its rows' and its
-// columns' accumulators (forward) and its slices of dX and dY (backward) in place: the extra
-// memory is one tile per thread plus O(N + M), whatever the thread count, and all G threads
-// are busy even when N has fewer row blocks than there are threads. The order in which a
-// row or column sees its tiles is fixed for a given G, so results are bitwise reproducible
-// for a given thread count.
+// Threads: rows and columns are each split into G groups, making G x G cells. Cell (r, k) is
+// row group r with column group (r + k) mod G; the cells of one k touch pairwise disjoint rows
+// and columns, so each cell updates its rows' and its columns' accumulators (forward) and its
+// slices of dX and dY (backward) in place: the extra memory is one tile per thread plus
+// O(N + M + G^2), whatever the thread count. Row group r sees its cells in the order
+// k = 0, 1, ..., and so does every column group, so results are bitwise reproducible for a
+// given G (a given thread count). The cells are handed out from one atomic counter in that
+// order, and a cell only waits for the two cells before it in its row group and its column
+// group, (r, k - 1) and (r + 1, k - 1): no barrier between the k's. With G = 4 threads (where
+// the tiles allow) a thread whose core runs slower holds up no one but the one or two cells
+// that follow its own (with G = threads, a wait for both predecessors would be the barrier).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -34,9 +40,11 @@ using xfast::tile_kernels;
 
 // Group boundaries on multiples of 16 (whole SIMD vectors in the tile loops) where possible.
 constexpr int64_t kAlign = 16;
+// Up to this many groups per thread: the slack that lets cells run ahead of a slower thread.
+constexpr int64_t kGroupsPerThread = 4;
 
 struct Plan {
-  int64_t n, m, block_rows, block_cols, groups;
+  int64_t n, m, block_rows, block_cols, groups, workers;
 
   static int64_t split(int64_t total, int64_t parts, int64_t g) {
     if (g >= parts) return total;
@@ -49,21 +57,61 @@ struct Plan {
 
 Plan make_plan(int64_t n, int64_t m, int64_t block_rows, int64_t block_cols) {
   TORCH_CHECK(block_rows > 0 && block_cols > 0, "block sizes must be positive");
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // At least one group per thread (all busy), more while a cell keeps at least one whole
+  // tile (smaller tiles would make the GEMMs less efficient), at most kGroupsPerThread each.
+  const int64_t whole_tiles = std::min((n + block_rows - 1) / block_rows, (m + block_cols - 1) / block_cols);
+  const int64_t wanted = std::max(threads, std::min(whole_tiles, kGroupsPerThread * threads));
   // Below kAlign rows or columns per group a cell is too small to be worth a thread.
   const int64_t most = std::max<int64_t>(1, std::min(n, m) / kAlign);
-  return {n, m, block_rows, block_cols, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), most))};
+  const int64_t groups = std::min(wanted, most);
+  return {n, m, block_rows, block_cols, groups, std::min(threads, groups)};
 }
 
-// Calls cell(r, c) for every row group r and column group c: G rounds, in round k the cells
-// (r, (r + k) mod G) run in parallel and touch pairwise disjoint rows and columns.
-template <typename F>
-void for_each_cell(const Plan& p, const F& cell) {
-  for (int64_t k = 0; k < p.groups; ++k) {
-    at::parallel_for(0, p.groups, 1, [&](int64_t r0, int64_t r1) {
-      at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
-      for (int64_t r = r0; r < r1; ++r) cell(r, (r + k) % p.groups);
-    });
+// Waits until flag is set (or another cell failed: then returns false).
+inline bool wait_for(const std::atomic<bool>& flag, const std::atomic<bool>& failed) {
+  for (int spins = 0; !flag.load(std::memory_order_acquire); ++spins) {
+    if (failed.load(std::memory_order_relaxed)) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (spins >= 64) std::this_thread::yield();  // a wait longer than a few us: let its core go
   }
+  return true;
+}
+
+// Calls cell(worker, r, c) for every row group r and column group c, cell (r, k) = (r, (r + k)
+// mod G) taken in the order k = 0, 1, ... from a shared counter by p.workers threads (worker:
+// the caller's index in [0, workers), for its scratch). ordered: a cell waits until the cells
+// (r, k - 1) and (r + 1, k - 1), the previous ones of its row and its column group, are done
+// (the cells of a k touch disjoint rows and columns, so each cell's updates are then in a
+// fixed order). A taken cell's predecessors were taken before it, so the earliest unfinished
+// cell never waits: no deadlock, whatever the number of threads that actually run.
+template <typename F>
+void for_each_cell(const Plan& p, bool ordered, const F& cell) {
+  const int64_t g = p.groups, cells = g * g;
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  const std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[cells]);
+  for (int64_t i = 0; i < cells; ++i) done[i].store(false, std::memory_order_relaxed);
+  at::parallel_for(0, p.workers, 1, [&](int64_t w0, int64_t w1) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = next.fetch_add(1); i < cells; i = next.fetch_add(1)) {
+        const int64_t k = i / g, r = i % g;
+        if (ordered && k > 0 &&
+            !(wait_for(done[i - g], failed) && wait_for(done[(k - 1) * g + (r + 1) % g], failed)))
+          return;
+        try {
+          cell(w, r, (r + k) % g);
+        } catch (...) {
+          failed.store(true);  // releases the cells waiting for this one; parallel_for rethrows
+          throw;
+        }
+        done[i].store(true, std::memory_order_release);
+      }
+    }
+  });
 }
 
 // Calls tile(r0, rows, c0, cols) for the tiles of cell (r, c), column block by column block:
@@ -76,22 +124,22 @@ void for_each_tile(const Plan& p, int64_t r, int64_t c, const F& tile) {
       tile(r0, std::min(p.block_rows, re - r0), c0, std::min(p.block_cols, ce - c0));
 }
 
-// Per-row-group working memory (the cells of a round have distinct row groups): a tile and
-// the tile kernels' vectors, no larger than the largest cell needs.
+// Per-thread working memory: a tile and the tile kernels' vectors, no larger than the
+// largest cell needs.
 struct Scratch {
-  at::Tensor tiles;   // [G, tile rows * tile cols]
-  at::Tensor values;  // [G, 2 * tile cols + tile rows]
+  at::Tensor tiles;   // [workers, tile rows * tile cols]
+  at::Tensor values;  // [workers, 2 * tile cols + tile rows]
   Scratch(const Plan& p, const at::TensorOptions& opts) {
     int64_t rows = 0, cols = 0;
     for (int64_t g = 0; g < p.groups; ++g) {
       rows = std::max(rows, std::min(p.block_rows, p.row_begin(g + 1) - p.row_begin(g)));
       cols = std::max(cols, std::min(p.block_cols, p.col_begin(g + 1) - p.col_begin(g)));
     }
-    tiles = at::empty({p.groups, rows * cols}, opts);
-    values = at::empty({p.groups, 2 * cols + rows}, opts);
+    tiles = at::empty({p.workers, rows * cols}, opts);
+    values = at::empty({p.workers, 2 * cols + rows}, opts);
   }
-  at::Tensor tile(int64_t g, int64_t rows, int64_t cols) const {
-    return tiles[g].narrow(0, 0, rows * cols).view({rows, cols});
+  at::Tensor tile(int64_t w, int64_t rows, int64_t cols) const {
+    return tiles[w].narrow(0, 0, rows * cols).view({rows, cols});
   }
 };
 
@@ -107,11 +155,24 @@ void scaled_dot_products(at::Tensor& z, const at::Tensor& x, const at::Tensor& y
 // negative one would flip the logits. Checked after the cast: a positive double below float32's
 // smallest subnormal becomes 0 there, and one above its largest finite value becomes inf.
 template <typename T>
+const char* dtype_name() {
+  return std::is_same<T, float>::value ? "float32" : "float64";
+}
+
+template <typename T>
 T kernel_scale(double scale) {
   const T s = static_cast<T>(scale);
-  TORCH_CHECK(std::isfinite(s) && s > 0, "scale must be positive and finite in ",
-              std::is_same<T, float>::value ? "float32" : "float64", ", got ", scale);
+  TORCH_CHECK(std::isfinite(s) && s > 0, "scale must be positive and finite in ", dtype_name<T>(), ", got ", scale);
   return s;
+}
+
+// The diagonal bias in T, checked after the cast for the same reason: a finite double above
+// float32's largest value (SimCSE's hard_negative_weight = 1e39) would be an inf logit there.
+template <typename T>
+T kernel_bias(double bias) {
+  const T b = static_cast<T>(bias);
+  TORCH_CHECK(std::isfinite(b), "diag_bias must be finite in ", dtype_name<T>(), ", got ", bias);
+  return b;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y) {
@@ -126,20 +187,20 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y) {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& y, double scale_d, double bias_d,
                                      int64_t offset, bool with_cols, const Plan& p) {
-  const T scale = kernel_scale<T>(scale_d), bias = static_cast<T>(bias_d);
+  const T scale = kernel_scale<T>(scale_d), bias = kernel_bias<T>(bias_d);
   const auto opts = x.options();
   const auto& kernels = tile_kernels<T>();
   // Running (m, l) accumulators, m + log(l), of every row and column.
   std::vector<T> row_m(p.n, -std::numeric_limits<T>::infinity()), row_l(p.n, T(0));
   std::vector<T> col_m(with_cols ? p.m : 0, -std::numeric_limits<T>::infinity()), col_l(col_m.size(), T(0));
   const Scratch scratch(p, opts);
-  for_each_cell(p, [&](int64_t r, int64_t c) {
+  for_each_cell(p, /*ordered=*/true, [&](int64_t w, int64_t r, int64_t c) {
     for_each_tile(p, r, c, [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
-      at::Tensor z = scratch.tile(r, rows, cols);
+      at::Tensor z = scratch.tile(w, rows, cols);
       scaled_dot_products(z, x.narrow(0, r0, rows), y.narrow(0, c0, cols), scale);
       kernels.forward(z.data_ptr<T>(), rows, cols, bias, r0 + offset - c0, row_m.data() + r0, row_l.data() + r0,
                       with_cols ? col_m.data() + c0 : nullptr, with_cols ? col_l.data() + c0 : nullptr,
-                      scratch.values[r].data_ptr<T>());
+                      scratch.values[w].data_ptr<T>());
     });
   });
   const auto lse = [&](const std::vector<T>& m, const std::vector<T>& l) {
@@ -155,7 +216,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, double scale_d, double bias_d,
                                       int64_t offset, const at::Tensor& row_lse, const at::Tensor& col_lse,
                                       const at::Tensor& g_row, const at::Tensor& g_col, const Plan& p) {
-  const T scale = kernel_scale<T>(scale_d), bias = static_cast<T>(bias_d);
+  const T scale = kernel_scale<T>(scale_d), bias = kernel_bias<T>(bias_d);
   const auto& kernels = tile_kernels<T>();
   const bool has_row = g_row.defined(), has_col = g_col.defined();
   // At small d, dY is accumulated transposed, dY^T += X_blk^T D: D then enters the GEMM
@@ -170,15 +231,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
   at::Tensor dy_t = dy_transposed ? at::zeros({y.size(1), dy_t_ld}, y.options()).narrow(1, 0, y.size(0)) : at::Tensor();
   std::vector<double> ds_cell(p.groups * p.groups, 0.0);
   const Scratch scratch(p, x.options());
-  for_each_cell(p, [&](int64_t r, int64_t c) {
+  for_each_cell(p, /*ordered=*/true, [&](int64_t w, int64_t r, int64_t c) {
     for_each_tile(p, r, c, [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
       const at::Tensor xb = x.narrow(0, r0, rows), yc = y.narrow(0, c0, cols);
-      at::Tensor d = scratch.tile(r, rows, cols);
+      at::Tensor d = scratch.tile(w, rows, cols);
       scaled_dot_products(d, xb, yc, scale);  // Z as the forward saw it, turned into dL/dZ in place
       ds_cell[r * p.groups + c] += kernels.backward(
           d.data_ptr<T>(), rows, cols, bias, r0 + offset - c0, row_lse.data_ptr<T>() + r0,
           has_col ? col_lse.data_ptr<T>() + c0 : nullptr, has_row ? g_row.data_ptr<T>() + r0 : nullptr,
-          has_col ? g_col.data_ptr<T>() + c0 : nullptr, scratch.values[r].data_ptr<T>());
+          has_col ? g_col.data_ptr<T>() + c0 : nullptr, scratch.values[w].data_ptr<T>());
       dx.narrow(0, r0, rows).addmm_(d, yc, 1, scale);
       if (dy_transposed)
         dy_t.narrow(1, c0, cols).addmm_(xb.t(), d, 1, scale);
@@ -194,15 +255,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
 
 // The kernel's GEMMs and nothing else: gemms_per_tile products X_blk @ Y_tile^T into each
 // thread's one reused tile, over the same cells and tiles. With 4 per tile it is the compute
-// floor of forward+backward (benchmarks/bench_losses.py).
+// floor of forward+backward (benchmarks/bench_losses.py). Its cells share no accumulator, so
+// they never wait for one another: its schedule is the kernel's counter without the waits.
 void tile_gemm_floor(const at::Tensor& x, const at::Tensor& y, int64_t gemms_per_tile, int64_t block_rows,
                      int64_t block_cols) {
   check_inputs(x, y);
   const Plan p = make_plan(x.size(0), y.size(0), block_rows, block_cols);
   const Scratch scratch(p, x.options());
-  for_each_cell(p, [&](int64_t r, int64_t c) {
+  for_each_cell(p, /*ordered=*/false, [&](int64_t w, int64_t r, int64_t c) {
     for_each_tile(p, r, c, [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
-      at::Tensor s = scratch.tile(r, rows, cols);
+      at::Tensor s = scratch.tile(w, rows, cols);
       for (int64_t i = 0; i < gemms_per_tile; ++i) at::mm_out(s, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
     });
   });

@@ -166,6 +166,21 @@ def test_kernel_entries_check_the_scale_in_their_dtype(scale):
         _C.similarity_lse_backward(x32, y32, scale, 0.0, 0, row32, col32, torch.ones(40), torch.ones(48), 256, 512)
 
 
+# SimCSE's hard-negative log-weight: finite as a double, inf once cast to float32 (and the
+# float64 path takes it as it is).
+def test_kernel_entries_check_the_diag_bias_in_their_dtype():
+    x, y = embeddings(40, 16, seed=3), embeddings(80, 16, seed=4)
+    row_lse, _ = _C.similarity_lse_forward(x, y, 20.0, 1e39, 40, False, 256, 512)  # float64: valid
+    assert torch.isfinite(row_lse).all()
+    x32, y32 = x.float(), y.float()
+    row32, _ = _C.similarity_lse_forward(x32, y32, 20.0, 1.0, 40, False, 256, 512)
+    for bias in (1e39, -1e39, float("nan")):
+        with pytest.raises(RuntimeError, match="diag_bias must be finite in float32"):
+            _C.similarity_lse_forward(x32, y32, 20.0, bias, 40, False, 256, 512)
+        with pytest.raises(RuntimeError, match="diag_bias must be finite in float32"):
+            _C.similarity_lse_backward(x32, y32, 20.0, bias, 40, row32, None, torch.ones(40), None, 256, 512)
+
+
 def cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -286,3 +301,34 @@ def test_allocations_do_not_grow_with_dy_copies_per_thread():
     one_dy = m * d * 4
     assert allocated[1] >= (n + m) * d * 4, f"the profiler missed the gradients: {allocated[1]} bytes"
     assert allocated[8] - allocated[1] < one_dy / 2, f"8 threads allocate {allocated[8] - allocated[1]} more bytes than 1"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_cell_schedule_is_bitwise_reproducible(threads):
+    # The cells run as soon as their row and column predecessors are done, taken from a shared
+    # counter: which thread runs which cell changes from run to run, more so with more threads
+    # than cores, but each row and column must see its cells in the same order every time.
+    # 1024 x 2048 with 128 x 256 tiles: 8 x 8 tiles, so every thread count here gets several
+    # cells per thread (up to 4 x 4 x threads^2 / threads).
+    n, m, d = 1024, 2048, 32
+    x, y = embeddings(n, d, seed=11).float(), embeddings(m, d, seed=12).float()
+    g = torch.Generator().manual_seed(13)
+    g_row, g_col = torch.rand(n, generator=g), torch.rand(m, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        runs = []
+        for _ in range(4):
+            row, col = _C.similarity_lse_forward(x, y, 20.0, 1.5, n, True, 128, 256)
+            runs.append((row, col, *_C.similarity_lse_backward(x, y, 20.0, 1.5, n, row, col, g_row, g_col, 128, 256)))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for what, a, b in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), runs[0], run):
+            assert torch.equal(a, b), f"{threads} threads: {what} differs between two runs"
+    # and they are the right values (the order is fixed, not wrong)
+    exact = lse_reference(x.double(), y.double(), torch.tensor(20.0, dtype=torch.float64), 1.5, n, g_row.double(),
+                          g_col.double())
+    plain = lse_reference(x, y, torch.tensor(20.0), 1.5, n, g_row, g_col)
+    for what, a, p, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), runs[0], plain, exact):
+        assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
