@@ -10,8 +10,10 @@ best-of over separate timings mostly measures luck); best / best is kept as a se
   xfast         the fused CPU backend (tiled C++ kernel, never stores N x M)
   tiled_floor   the same FLOPs as the kernel's four N x M x d GEMMs, done as the kernel does
                 them: 4 * (N/256) * (M/512) GEMMs of 256 x d x 512 into one reused 256 x 512
-                tile per thread (cache-resident outputs, same threads and cells). A loss
-                that recomputes its logits in the backward cannot do less work.
+                tile per thread (cache-resident outputs, same threads, cells and tiles;
+                its cells share nothing, so they never wait for one another, unlike the
+                kernel's). A loss that recomputes its logits in the backward cannot do
+                less work.
   materialised  the same four GEMMs with N x M outputs in memory (DRAM traffic and page
                 faults): not a floor, the cost of writing the logits out
   reference     plain PyTorch materialising the logits (what open_clip and
