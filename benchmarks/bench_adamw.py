@@ -1,8 +1,8 @@
 """torch AdamW's three CPU kernels on the tiny towers' parameters: what xfast's fused choice saves.
 
 One process, 1 thread: the parameters (and random gradients) of bench_train's tiny models, one
-optimizer per kernel over the same tensors' copies; each round steps every optimizer once, in
-rotating order; median ms per step and the median per-round difference to the fused kernel.
+optimizer per kernel over the same tensors' copies; each round steps every optimizer once, in a
+balanced order (benchmarks/rounds.py; rounds rounded up to whole orders); median ms per step and the median per-round difference to the fused kernel.
 
     default  torch.optim.AdamW(params) as a plain loop writes it (on CPU a Python loop over them)
     foreach  foreach=True (one multi-tensor call per group; xfast before the fused choice)
@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
+from rounds import balanced_rounds, round_order  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -45,8 +46,9 @@ def measure(size_name: str, rounds: int) -> dict:
         optimizers[name] = torch.optim.AdamW(copies, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, **kernel)
     names = list(KERNELS)
     times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = balanced_rounds(rounds, len(names))
     for i in range(rounds + 5):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in round_order(names, i):
             start = time.perf_counter()
             optimizers[name].step()
             if i >= 5:  # the first rounds create the optimizer state
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny_clip", "tiny_clap"], choices=("tiny_clip", "tiny_clap"),
                         help="bench_train sizes whose parameters are stepped (default both)")
-    parser.add_argument("--rounds", type=int, default=200, help="timed rounds (default 200)")
+    parser.add_argument("--rounds", type=int, default=200, help="timed rounds, rounded up to whole balanced orders (default 200)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/adamw.{json,md}")
     args = parser.parse_args(argv)
     if args.rounds < 1:

@@ -2,7 +2,7 @@
 
 One process per rank holds plain-torch (xfast_torch), ZeRO-0 and ZeRO-2 copies of one model (as
 bench_train's paired measurement) and runs one step of each per round on the same in-memory
-batch, in rotating order. Each step is timed in three parts: forward + loss, engine.backward,
+batch, in a balanced order (benchmarks/rounds.py; rounds rounded up to whole orders). Each step is timed in three parts: forward + loss, engine.backward,
 engine.step; the table gives each part's median difference to the torch step of the same round
 (with a distribution-free 95% interval). Inside the ZeRO-2 engine, timers around its optimizer's
 per-step methods (instance attributes of this process's engine: measurement only) say which
@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
+from rounds import balanced_rounds, median_interval, round_order  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = (("torch", "xfast_torch"), ("zero0", "xfast_zero0"), ("zero2", "xfast"))
@@ -44,8 +45,8 @@ ZERO2_FUNCTIONS = ("count_used_parameters_in_backward", "all_gather_dp_groups") 
 
 
 def _interval(diffs: list[float]) -> dict:
-    median, ci95 = bench_train.median_interval(diffs)
-    return {"median": median, "ci95": ci95}
+    median, ci95 = median_interval(diffs)
+    return {"median": median, "ci95": ci95, "rounds": diffs}
 
 
 def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) -> dict | None:
@@ -120,8 +121,9 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
             step(name, batches[i % len(batches)])
     spent.clear()
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
+    rounds = balanced_rounds(rounds, len(names))
     for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in round_order(names, i):
             times[name].append(step(name, batches[i % len(batches)]))
     if rank != 0:
         return None
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["tiny_clip"], choices=("tiny_clip", "tiny_clap"),
                         help="model sizes of bench_train (default tiny_clip)")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts (default 1 2)")
-    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (default 40)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds, rounded up to whole balanced orders (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
                         help="a further ZeRO-2 engine with these DeepSpeed config keys over xfast's (repeatable), "

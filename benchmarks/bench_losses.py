@@ -47,6 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import balanced_orders, balanced_rounds  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("xfast", "tiled_floor", "materialised", "reference")
 FLOOR_GEMMS = 4  # forward S, backward S (recomputed), dX, dY
@@ -130,22 +133,6 @@ def make_step(loss: str, method: str, n: int, d: int):
         out.backward()
         x.grad = y.grad = hn.grad = scale.grad = None
     return step
-
-
-def balanced_orders(n: int) -> list[list[int]]:
-    """Williams design: orders of n methods in which each runs in every position equally often
-    and each directly follows every other one equally often, so neither a method's position in
-    the round nor its predecessor's effect on the caches favours it. n orders for even n (and
-    n = 1), 2n for odd n (the n orders of the Latin square and their reverses)."""
-    first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
-    orders = [[(f + shift) % n for f in first] for shift in range(n)]
-    return orders if n % 2 == 0 or n == 1 else orders + [o[::-1] for o in orders]
-
-
-def balanced_rounds(rounds: int, n_methods: int) -> int:
-    """rounds rounded up to a whole number of balanced orders."""
-    period = len(balanced_orders(n_methods))
-    return -(-rounds // period) * period
 
 
 def time_worker(loss: str, methods: list[str], n: int, d: int, rounds: int) -> dict:

@@ -1,7 +1,8 @@
 """Training throughput of xfast against a plain transformers loop and open_clip-style training.
 
 Every measurement is one (size, method) pair run in its own subprocess(es); each of --repeat
-rounds runs every method once, in an order that rotates from round to round. The ratio to the
+rounds runs every method once, in a balanced order (benchmarks/rounds.py: over a whole number
+of orders each method runs in every position and after every other one equally often). The ratio to the
 transformers loop is taken per round (the two ran at most minutes apart) and its median over
 the rounds is the reported figure; the best round of each method and best/best are kept too
 (every round is in the JSON). On this kind of machine one process can run 45% faster than the
@@ -46,7 +47,7 @@ on 1 thread per rank.
 DeepSpeed's own cost per step (tiny sizes; --paired-ranks): the difference of two separate
 throughput runs is mostly their noise (it came out negative), so it is measured paired: one
 process per rank holds xfast_torch, xfast_zero0 and xfast copies of one model and runs one step of
-each per round on the same in-memory batch, in rotating order; the cost is the median over rounds
+each per round on the same in-memory batch, in balanced order (rounds rounded up to whole orders); the cost is the median over rounds
 of (DeepSpeed step - torch step), with a distribution-free 95% interval, on 1 rank and on the
 demo's 2 ranks (half the batch each).
 
@@ -67,6 +68,9 @@ import time
 from pathlib import Path
 
 from xfast.distributed.rendezvous import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import balanced_rounds, median_interval, round_order  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # size -> model family, tower width, micro-batch, micro-batches per step, timed steps / warmup
@@ -391,8 +395,8 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     """DeepSpeed's own cost per step, paired (runs in the subprocess, one per rank).
 
     One process holds three copies of the same model: in plain torch (xfast_torch), ZeRO-0 and
-    ZeRO-2. Each round runs one step of each on the same in-memory batch, in an order that
-    rotates every round; a step's DeepSpeed cost is its time minus the torch step's time of the
+    ZeRO-2. Each round runs one step of each on the same in-memory batch, in the next balanced
+    order (rounds.round_order; `steps` rounded up to whole orders); a step's DeepSpeed cost is its time minus the torch step's time of the
     same round. Pairing cancels what drifts between rounds on a shared machine (other load,
     clock), and no loader runs during the timed steps, so the median of the differences is
     DeepSpeed's cost and not the noise of two separate runs."""
@@ -422,27 +426,19 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
         for method in PAIRED:
             float(step_of[method](micro[i % len(micro)]))
     times: dict[str, list[float]] = {m: [] for m in PAIRED}
-    for i in range(steps):
-        order = PAIRED[i % len(PAIRED):] + PAIRED[:i % len(PAIRED)]
-        for method in order:
+    for i in range(balanced_rounds(steps, len(PAIRED))):
+        for method in round_order(PAIRED, i):
             start = time.perf_counter()
             float(step_of[method](micro[i % len(micro)]))
             times[method].append(time.perf_counter() - start)
     if rank != 0:
         return None
-    result = {"ranks": world, "steps": steps, "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
+    result = {"ranks": world, "steps": len(times["xfast"]), "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
     for method in PAIRED[1:]:
-        median, ci95 = median_interval([1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"])])
-        result[method] = {"deepspeed_ms_per_step": median, "ci95": ci95}
+        diffs = [1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"])]
+        median, ci95 = median_interval(diffs)
+        result[method] = {"deepspeed_ms_per_step": median, "ci95": ci95, "round_diffs_ms": diffs}
     return result
-
-
-def median_interval(diffs: list[float]) -> tuple[float, list[float]]:
-    """The median of per-round differences and its distribution-free 95% interval (order
-    statistics n/2 -+ 0.98 sqrt(n))."""
-    diffs = sorted(diffs)
-    k = max(0, int(len(diffs) / 2 - 0.98 * len(diffs) ** 0.5))
-    return statistics.median(diffs), [diffs[k], diffs[-1 - k]]
 
 
 def run_ranks(args: list[str], world: int, what: str, script: str = __file__) -> dict:
@@ -528,10 +524,10 @@ HEADER = ("Training throughput on CPU: 1 thread per process unless the command s
           "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
           "xfast methods only (unless the command says --malloc); the baselines' AdamW is torch's default (unless the "
           "command says --baseline-adamw fused), xfast's the fused kernel. vs transformers: the median "
-          "over rounds of each round's ratio (every round runs each method once, in rotating order), then "
+          "over rounds of each round's ratio (every round runs each method once; balanced order since 2026-11-29 11:30, rotating before), then "
           "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
-                 "one process per rank, one step of each per round on the same in-memory batch (rotating order); "
+                 "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:30, rotating before); "
                  "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]")
 
 
@@ -602,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rank counts of the paired DeepSpeed-cost measurement (default: 1 2 for the tiny "
                              "sizes, none for the others; give the option without values to skip it)")
     parser.add_argument("--paired-steps", type=int, default=60,
-                        help="rounds of the paired measurement (default 60)")
+                        help="rounds of the paired measurement, rounded up to whole balanced orders (default 60)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training process (default 1: the loader worker has the other core)")
     parser.add_argument("--malloc", choices=("xfast", "all", "none"), default="xfast",
@@ -640,9 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
     methods_of = {s: list(default_methods(s) if args.methods is None else args.methods) for s in args.sizes}
-    # round r runs every method once, starting at the r-th (rotating): each round is a paired comparison
-    jobs = [(s, m) for r in range(args.repeat) for s in args.sizes
-            for m in methods_of[s][r % len(methods_of[s]):] + methods_of[s][:r % len(methods_of[s])]]
+    # round r runs every method once, in the r-th balanced order: each round is a paired comparison
+    jobs = [(s, m) for r in range(args.repeat) for s in args.sizes for m in round_order(methods_of[s], r)]
     runs: dict[tuple[str, str], list[dict]] = {}
     command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
     cpu = machine()
