@@ -35,11 +35,69 @@ def check_float_matrix(name: str, t, *, rows: str = "batch") -> None:
         raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
+def nonfinite_flags(t: torch.Tensor) -> torch.Tensor:
+    """[2] bool on t's device, some True iff t holds a NaN or an inf (t non-empty). NaN propagates
+    through min/max and inf is an extreme: one pass, no mask tensor the size of t."""
+    return ~torch.isfinite(torch.stack(torch.aminmax(t.detach())))
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """No NaN or inf. NaN propagates through min/max and inf is an extreme: one pass, no mask
-    tensor (torch.isfinite(t).all() would allocate one the size of t)."""
-    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()):
+    """No NaN or inf (one device-to-host read)."""
+    if t.numel() and bool(nonfinite_flags(t).any()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+class DeferredChecks:
+    """Checks of data values whose verdicts stay on the device until read() fetches all of them
+    in one device-to-host copy (on an accelerator every bool(tensor) is a wait for the device).
+
+    add(flags, message): the problem `message` is present iff some element of the bool tensor
+    `flags` is True. read() raises ValueError(message) for the first problem added that is
+    present. Use `with checks.reading():` around the work that consumes the checked data: the
+    flags are read when the block ends, and if the block raises first (the bad data may have
+    broken the computation), the named problem is raised instead, chained to that error.
+    """
+
+    def __init__(self):
+        self._flags: list[torch.Tensor] = []
+        self._messages: list[str] = []
+
+    def add(self, flags: torch.Tensor, message: str) -> None:
+        self._flags.append(flags.reshape(-1))
+        self._messages.append(message)
+
+    def problem(self) -> str | None:
+        """The first present problem's message (reads the flags; they are then cleared)."""
+        flags, messages, self._flags, self._messages = self._flags, self._messages, [], []
+        if not flags:
+            return None
+        values: list[list[bool]] = [[] for _ in flags]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, f in enumerate(flags):
+            by_device.setdefault(f.device, []).append(i)
+        for idx in by_device.values():  # one read per device (one device in practice)
+            fetched = torch.cat([flags[i] for i in idx]).tolist()
+            start = 0
+            for i in idx:
+                values[i] = fetched[start:start + flags[i].numel()]
+                start += flags[i].numel()
+        return next((m for m, v in zip(messages, values) if any(v)), None)
+
+    def read(self) -> None:
+        message = self.problem()
+        if message is not None:
+            raise ValueError(message)
+
+    @contextlib.contextmanager
+    def reading(self):
+        try:
+            yield self
+        except Exception as err:
+            message = self.problem()
+            if message is not None:
+                raise ValueError(message) from err
+            raise
+        self.read()
 
 
 def check_alike(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:

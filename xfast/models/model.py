@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from xfast._checks import DeferredChecks
 from xfast.config import ConfigError
 from xfast.modalities import MEDIA_INPUT, media_input
 from xfast.models import io
@@ -46,29 +47,33 @@ class ContrastiveModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     normalized: bool = True) -> torch.Tensor:
-        _, projected = self.text(**self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask))
+        return self._encode_text(input_ids, attention_mask, None, normalized)
+
+    def _encode_text(self, input_ids, attention_mask, checks: DeferredChecks | None, normalized: bool = True):
+        _, projected = self.text(**self.text.check_inputs(checks, input_ids=input_ids, attention_mask=attention_mask))
         return normalize(projected) if normalized else projected
 
     def sentence_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's pooled output [B, hidden] (unnormalised, before projection)."""
-        sentence, _ = self.text(**self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask))
+        sentence, _ = self.text(**self.text.check_inputs(None, input_ids=input_ids, attention_mask=attention_mask))
         return sentence
 
     def encode_image(self, pixel_values: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
         self._require_modality("image")
-        _, projected = self.media(**self.media.check_inputs(pixel_values=pixel_values))
-        return normalize(projected) if normalized else projected
+        return self._encode_media(pixel_values, None, normalized)
 
     def encode_audio(self, input_features: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
         """input_features: log-mel Float[B, 1, frames, n_mels] (see xfast.models.towers)."""
         self._require_modality("audio")
-        _, projected = self.media(**self.media.check_inputs(input_features=input_features))
-        return normalize(projected) if normalized else projected
+        return self._encode_media(input_features, None, normalized)
 
     def encode_media(self, batch: Mapping, *, normalized: bool = True) -> torch.Tensor:
         """encode_image(batch["pixel_values"]) or encode_audio(batch["input_features"])."""
-        encode = self.encode_image if self.modality == "image" else self.encode_audio
-        return encode(media_input(batch, self.modality), normalized=normalized)
+        return self._encode_media(media_input(batch, self.modality), None, normalized)
+
+    def _encode_media(self, media: torch.Tensor, checks: DeferredChecks | None, normalized: bool = True):
+        _, projected = self.media(**self.media.check_inputs(checks, **{MEDIA_INPUT[self.modality]: media}))
+        return normalize(projected) if normalized else projected
 
     def data_requirements(self) -> dict:
         """What the data pipeline must produce: max_text_length and the media input's sizes."""
@@ -82,8 +87,15 @@ class ContrastiveModel(nn.Module):
 
         Without either: {"media", "text"}. Concatenate the dicts of several micro-batches
         along dim 0 and call the objective once to keep the contrastive batch whole.
+        Bad input values (NaN media, empty or wrongly padded text rows) raise a ValueError
+        naming the problem before this returns; their checks are read from the device once.
         """
         plan = feature_plan(objective, step, plan)
+        checks = DeferredChecks()
+        with checks.reading():
+            return self._features(checks, plan, batch, sentences, nli)
+
+    def _features(self, checks: DeferredChecks, plan: FeaturePlan, batch, sentences, nli) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if plan.unsup and plan not in self._plans_checked:  # config checks: once per kind of step
             if self.text.freeze == "all":
@@ -100,11 +112,11 @@ class ContrastiveModel(nn.Module):
             if key in batch and len(batch[key]) != len(batch["input_ids"]):
                 raise ValueError(f"batch: {key} has {len(batch[key])} rows but input_ids has "
                                  f"{len(batch['input_ids'])}; pairs must line up")
-            out["media"] = self.encode_media(batch)
+            out["media"] = self._encode_media(media_input(batch, self.modality), checks)
         projected = plan.embedding == "projected"
         if plan.captions:
             # Both dropout views of the captions in one forward pass of the doubled batch.
-            views = self._text_views(batch["input_ids"], batch["attention_mask"], 2)
+            views = self._text_views(batch["input_ids"], batch["attention_mask"], 2, checks)
             (sent1, proj1), (sent2, proj2) = views
             out["text_view2"] = normalize(proj2) if projected else sent2
             if not projected:
@@ -112,16 +124,16 @@ class ContrastiveModel(nn.Module):
             if plan.cross_modal or projected:
                 out["text"] = normalize(proj1)
         elif plan.cross_modal:
-            out["text"] = self.encode_text(batch["input_ids"], batch["attention_mask"])
+            out["text"] = self._encode_text(batch["input_ids"], batch["attention_mask"], checks)
         if plan.sentences:
             _require(sentences, ("input_ids", "attention_mask"), "sentences")
-            (s1, p1), (s2, p2) = self._text_views(sentences["input_ids"], sentences["attention_mask"], 2)
+            (s1, p1), (s2, p2) = self._text_views(sentences["input_ids"], sentences["attention_mask"], 2, checks)
             out["sent_a"], out["sent_b"] = (normalize(p1), normalize(p2)) if projected else (s1, s2)
         if plan.nli:
             keys = [f"{part}_{kind}" for part in ("anchor", "positive", "negative")
                     for kind in ("input_ids", "attention_mask")]
             _require(nli, keys, "nli")
-            parts = [self.text.check_inputs(input_ids=nli[f"{part}_input_ids"],
+            parts = [self.text.check_inputs(checks, input_ids=nli[f"{part}_input_ids"],
                                             attention_mask=nli[f"{part}_attention_mask"])
                      for part in ("anchor", "positive", "negative")]
             if len({p["input_ids"].shape for p in parts}) == 1:
@@ -136,8 +148,8 @@ class ContrastiveModel(nn.Module):
 
     forward = features
 
-    def _text_views(self, input_ids, attention_mask, copies: int):
-        inputs = self.text.check_inputs(input_ids=input_ids, attention_mask=attention_mask)
+    def _text_views(self, input_ids, attention_mask, copies: int, checks: DeferredChecks):
+        inputs = self.text.check_inputs(checks, input_ids=input_ids, attention_mask=attention_mask)
         sentence, projected = self.text(**{k: v.repeat(copies, 1) for k, v in inputs.items()})
         return list(zip(sentence.chunk(copies), projected.chunk(copies)))
 

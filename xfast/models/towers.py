@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
-from xfast._checks import check_finite
+from xfast._checks import DeferredChecks, nonfinite_flags
 from xfast.config import ConfigError
 from xfast.models import hf_configs
 from xfast.models.config import TowerConfig
@@ -149,7 +149,19 @@ class EncoderTower(nn.Module):
 
     # -- input checks: every error names the tensor, the expected layout and the tower's settings.
 
-    def check_inputs(self, **inputs) -> dict[str, torch.Tensor]:
+    def check_inputs(self, checks: DeferredChecks | None = None, **inputs) -> dict[str, torch.Tensor]:
+        """The inputs on the tower's device, after every check. Shapes, dtypes and sizes raise here;
+        the checks of values (empty or wrongly padded text rows, NaN/inf media) go to `checks`, to be
+        read with the rest of the step's in one device-to-host copy (ContrastiveModel.features);
+        without `checks` they are read before returning."""
+        own = checks is None
+        checks = DeferredChecks() if own else checks
+        out = self._check(checks, inputs)
+        if own:
+            checks.read()
+        return out
+
+    def _check(self, checks: DeferredChecks, inputs: dict) -> dict[str, torch.Tensor]:
         device, dtype = self._param_device_dtype()
         if self.modality == "text":
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -163,12 +175,11 @@ class EncoderTower(nn.Module):
             if ids.shape[1] > limit:
                 raise ValueError(f"input_ids has length {ids.shape[1]} but the text tower takes at most {limit} tokens")
             lengths = mask.sum(1)
-            if bool((lengths == 0).any()):
-                raise ValueError("attention_mask has a row with no tokens")
+            checks.add((lengths == 0).any(), "attention_mask has a row with no tokens")
             if self.pooling == "eos":
                 positions = torch.arange(mask.shape[1], device=mask.device)
-                if not bool((mask.bool() == (positions < lengths[:, None])).all()):
-                    raise ValueError("eos pooling needs right-padded input (attention_mask rows of 1s then 0s)")
+                checks.add((mask.bool() != (positions < lengths[:, None])).any(),
+                           "eos pooling needs right-padded input (attention_mask rows of 1s then 0s)")
             return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if self.modality == "image":
             x = inputs["pixel_values"]
@@ -178,7 +189,7 @@ class EncoderTower(nn.Module):
             if tuple(x.shape[1:]) != (channels, size, size):
                 raise ValueError(f"pixel_values must be [B, {channels}, {size}, {size}] for this {self.type} tower, "
                                  f"got {tuple(x.shape)}")
-            return {"pixel_values": _finite("pixel_values", x).to(device, dtype)}
+            return {"pixel_values": _finite(checks, "pixel_values", x).to(device, dtype)}
         x = inputs["input_features"]
         _check_tensor("input_features", x, 4, integer=False)
         req = self.requirements()
@@ -191,7 +202,7 @@ class EncoderTower(nn.Module):
                              f"got {x.shape[2]}")
         if x.shape[2] > frames:
             raise ValueError(f"input_features has {x.shape[2]} frames; this htsat tower takes at most {frames}")
-        return {"input_features": _finite("input_features", x).to(device, dtype)}
+        return {"input_features": _finite(checks, "input_features", x).to(device, dtype)}
 
     def requirements(self) -> dict:
         """What the data pipeline must produce for this tower (see the module docstring)."""
@@ -259,8 +270,9 @@ def _check_tensor(name: str, t, dims: int, *, integer: bool) -> None:
         raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
 
 
-def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    check_finite(name, t)
+def _finite(checks: DeferredChecks, name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.numel():
+        checks.add(nonfinite_flags(t), f"{name} contains NaN or inf")
     return t
 
 
