@@ -11,8 +11,8 @@ TRITON_SIZES = ((1, 3), (2, 45), (7, 128), (64, 45), (100, 512))
 
 
 def backends_for(n: int, d: int) -> list[str]:
-    """cpu and reference always, triton on small sizes only."""
-    return ["cpu", "reference"] + (["triton"] if (n, d) in TRITON_SIZES else [])
+    """cpu (the fused kernel, forced at every size), dense and reference always, triton on small sizes only."""
+    return ["cpu", "dense", "reference"] + (["triton"] if (n, d) in TRITON_SIZES else [])
 
 
 def embeddings(n: int, d: int, *, normalised: bool = True, scale: float = 1.0, seed: int) -> torch.Tensor:

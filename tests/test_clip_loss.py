@@ -54,7 +54,7 @@ def test_unnormalised_inputs(backend, n, d, norm, scale):
         assert_close64(a, e, what)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_within_twice_torch(backend, dtype):
     n, d = (64, 128) if backend == "triton" else (300, 128)
@@ -69,7 +69,7 @@ def test_low_precision_error_within_twice_torch(backend, dtype):
         assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "triton"])
 def test_no_overflow_when_naive_exp_would(backend):
     # logits up to 100 * 10 * 10 = 1e4: exp overflows float32 and float64 alike.
     n, d = 16, 32

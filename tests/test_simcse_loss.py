@@ -57,7 +57,7 @@ def test_hard_negative_weight(backend, weight):
         assert_close64(a, e, what)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_within_twice_torch(backend, dtype):
     n, d = (64, 128) if backend == "triton" else (300, 128)
@@ -70,7 +70,7 @@ def test_low_precision_error_within_twice_torch(backend, dtype):
         assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "triton"])
 def test_no_overflow_at_tiny_temperature(backend):
     z1, z2, z3 = (embeddings(16, 8, seed=s).float() for s in (7, 8, 9))
     tau = torch.tensor(1e-3)  # logits up to 1000

@@ -12,8 +12,15 @@ import torch
 
 # Fused backends: name -> module under xfast.kernels.
 KERNEL_MODULES = {"cpu": "cpu_similarity_lse", "triton": "triton_similarity_lse"}
-# "auto" picks a fused backend by device; "reference" materialises the logits (the oracle).
-BACKENDS = ("auto", *KERNEL_MODULES, "reference")
+# "auto" picks a backend by device and size; "dense" materialises the logits of a local batch in
+# plain autograd ops (xfast/ops/dense_lse.py); "reference" is the plain-PyTorch loss (the oracle).
+BACKENDS = ("auto", *KERNEL_MODULES, "dense", "reference")
+# Below this many logits (N x M, one local batch) "auto" on CPU takes "dense": there the fused
+# kernel's fixed cost per call outweighs its work. Set from benchmarks/bench_dense_crossover.py
+# (results/dense_crossover.md: forward + backward of clip and simcse, float32 and float64, d 32-512,
+# 1 and 2 threads, AMD EPYC 2 cores). On CUDA "auto" keeps Triton at every size: no GPU crossover
+# was measured.
+DENSE_MAX_CELLS = 64 * 64
 # Losses that are a few GEMMs and nothing else (CyCLIP) have no kernel to choose.
 GEMM_BACKENDS = ("auto", "reference")
 
@@ -24,11 +31,20 @@ def check_backend(backend, choices: tuple[str, ...] = BACKENDS, *, op: str | Non
         raise ValueError(f"backend must be one of {choices}{where}, got {backend!r}")
 
 
+def local_backend(backend: str, device: torch.device, cells: int | None) -> str:
+    """What runs `backend` for one call: 'auto' is triton on CUDA; on CPU "dense" when the call's
+    logits are local and at most DENSE_MAX_CELLS (`cells`: N * M, None: not local), else cpu."""
+    check_backend(backend)
+    if backend == "auto" and torch.device(device).type == "cpu" and cells is not None and cells <= DENSE_MAX_CELLS:
+        return "dense"
+    return fused_backend(backend, device) if backend == "auto" else backend
+
+
 def fused_backend(backend: str, device: torch.device) -> str:
     """The fused backend that runs `backend` on `device`: 'auto' is triton on CUDA, cpu otherwise."""
     check_backend(backend)
-    if backend == "reference":
-        raise ValueError("the reference backend materialises the logits and has no fused kernel")
+    if backend in ("reference", "dense"):
+        raise ValueError(f"the {backend} backend materialises the logits and has no fused kernel")
     if backend == "auto":
         return "triton" if torch.device(device).type == "cuda" else "cpu"
     return backend

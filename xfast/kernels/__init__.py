@@ -37,3 +37,14 @@ def kernel_for(backend: str, device: torch.device):
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
     return module
+
+
+def check_available(backend: str, device: torch.device, group) -> None:
+    """Raise now (inside a loss's input checks) if `backend` cannot run this call: a fused backend
+    must be available on `device` (kernel_for's error), "dense" runs without a process group only."""
+    if backend == "dense":
+        if group is not None:
+            raise ValueError("backend 'dense' computes a local batch only; with a process group use 'auto', 'cpu' "
+                             "or 'triton'")
+    elif backend != "reference":
+        kernel_for(backend, device)

@@ -7,7 +7,7 @@ from xfast import reference
 from xfast._checks import check_embeddings, check_float, check_positive_scalar
 from xfast.backends import accumulation_dtype, check_backend
 from xfast.distributed.batch import local_shape, open_batch
-from xfast.kernels import kernel_for
+from xfast.kernels import check_available
 from xfast.ops.similarity_lse import similarity_lse
 
 
@@ -18,7 +18,9 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
     x, y: [N, d] embeddings (normalised, as open_clip's ClipLoss takes them; any values work).
     logit_scale: the multiplier s (already exponentiated), a float or a 1-element tensor that
     may require grad. label_smoothing as in torch.nn.functional.cross_entropy.
-    backend: "auto" (triton on CUDA, cpu otherwise), "cpu", "triton" or "reference".
+    backend: "auto" (triton on CUDA; on CPU "dense" for a small local batch, see
+    xfast.backends.DENSE_MAX_CELLS, else "cpu"), "cpu", "triton", "dense" (the N x N logits in
+    plain autograd ops; no process group) or "reference".
     Returns a 0-dim float32 tensor (float64 for float64 inputs).
     group: a torch.distributed process group; each rank passes its slice of the global batch
     and gets the loss of the whole batch. mode ("allgather" or "ring") and grad_reduction
@@ -30,8 +32,7 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
         check_embeddings(("x", "y"), (x, y))
         scale = check_positive_scalar("logit_scale", logit_scale, x.device)
         eps = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        if backend != "reference":
-            kernel_for(backend, x.device)
+        check_available(backend, x.device, group)
         return (scale, eps), local_shape(x.shape[0], y.shape[0], x, x, y, logit_scale)
 
     batch, (logit_scale, eps) = open_batch(

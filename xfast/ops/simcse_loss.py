@@ -7,7 +7,7 @@ from xfast import reference
 from xfast._checks import check_embeddings, check_float, check_positive_scalar
 from xfast.backends import accumulation_dtype, check_backend
 from xfast.distributed.batch import local_shape, open_batch
-from xfast.kernels import kernel_for
+from xfast.kernels import check_available
 from xfast.ops.similarity_lse import similarity_lse
 from xfast.ops.unit_rows import unit_rows
 
@@ -33,8 +33,7 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
         weight = check_float("hard_negative_weight", hard_negative_weight)
         if weight and hard_negatives is None:
             raise ValueError("hard_negative_weight is set but no hard_negatives were given")
-        if backend != "reference":
-            kernel_for(backend, z1.device)
+        check_available(backend, z1.device, group)
         return (tau, weight), local_shape(z1.shape[0], z1.shape[0] * len(columns), z1, z1, *columns, temperature)
 
     batch, (temperature, weight) = open_batch(

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from xfast.backends import accumulation_dtype
+from xfast.backends import accumulation_dtype, local_backend
 from xfast.kernels import kernel_for
+from xfast.ops.dense_lse import dense_similarity_lse
 
 
 class LocalExchange:
@@ -109,6 +110,8 @@ def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, dia
     keeps a whole loss at O(N*d) memory with no N x d temporaries.
     `scale` is a 0-dim float tensor on x's device (it may require grad). Inputs are not
     validated here: the public losses do that.
+    backend: as in the losses; "auto" on CPU computes a local call whose logits are at most
+    xfast.backends.DENSE_MAX_CELLS with the dense path (xfast/ops/dense_lse.py), else the fused kernel.
     exchange: None (the whole matrix is here), or a process group's exchange
     (xfast.distributed.gathered_lse), where x holds this rank's rows, y its column block, the
     diagonal and the target are within that block, and col_lse covers every rank's rows.
@@ -117,9 +120,18 @@ def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, dia
     to the 16-bit dtype: the kernels see 16 bits, the gradients stay float32 until the copies'
     backward rounds their sum once.
     """
-    kernel = kernel_for(backend, x.device)
     if target_offset is not None and not 0 <= target_offset <= y.shape[0] - x.shape[0]:
         raise ValueError(f"target_offset {target_offset} leaves no column for every row of x")
+    # "auto" sizes a local call (a distributed exchange calls its kernel on gathered blocks).
+    name = local_backend(backend, x.device, x.shape[0] * y.shape[0] if exchange is None else None)
+    if name == "dense":
+        if exchange is not None:
+            raise ValueError("backend 'dense' computes a local batch only, not a distributed exchange")
+        row_lse, col_lse, target = dense_similarity_lse(
+            x, y, scale, diag_bias=float(diag_bias), diag_offset=int(diag_offset), with_cols=bool(with_cols),
+            target_offset=target_offset, operand_dtype=operand_dtype or x.dtype)
+        return (row_lse, col_lse) if target_offset is None else (row_lse, col_lse, target)
+    kernel = kernel_for(name, x.device)
     row_lse, col_lse, target = SimilarityLSE.apply(
         x, y, scale, float(diag_bias), int(diag_offset), bool(with_cols), target_offset, kernel, exchange or LOCAL,
         operand_dtype or x.dtype)
