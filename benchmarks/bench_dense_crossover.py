@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"N{n}:{c['ratio']:.2f}" for n, c in cells.items()) + f"  crossover N={rows[-1]['crossover_n']}",
                           flush=True)
     header = ("dense / fused CPU kernel time, forward+backward (median of per-round ratios, "
-              f"{args.rounds} rounds); < 1: dense is faster")
+              f"{args.rounds} rounds); < 1: dense is faster. clip: N x N logits; simcse with hard negatives: N x 2N")
     lines = [header, "", "| loss | dtype | d | threads | " + " | ".join(f"N={n}" for n in args.sizes)
              + " | crossover N |", "|---" * (5 + len(args.sizes)) + "|"]
     for r in rows:

@@ -19,6 +19,7 @@ from xfast.kernels import check_available, cpu_similarity_lse
 from xfast.ops import similarity_lse as similarity_lse_module
 
 EDGE = math.isqrt(DENSE_MAX_CELLS)  # the largest square batch the dense path takes
+HN_EDGE = math.isqrt(DENSE_MAX_CELLS // 2)  # the largest simcse batch with hard negatives (n x 2n logits) it takes
 
 
 class Paths:
@@ -86,15 +87,14 @@ def test_clip_both_sides_of_the_crossover_match_float64(monkeypatch, n, path, la
 
 
 # simcse's logit block is n x n (unsupervised) or n x 2n (with hard negatives)
-SIMCSE_SIZES = [(3, False), (EDGE, False), (EDGE + 1, False), (5, True), (EDGE // 2 - 1, True), (EDGE // 2 + 1, True)]
+SIMCSE_SIZES = [(3, False), (EDGE, False), (EDGE + 1, False), (5, True), (HN_EDGE, True), (HN_EDGE + 1, True)]
 
 
 @pytest.mark.parametrize("n,hard_negatives", SIMCSE_SIZES)
 def test_simcse_both_sides_of_the_crossover_match_float64(monkeypatch, n, hard_negatives):
     paths = Paths(monkeypatch)
     got, expected = simcse_case(n, 23, seed=3 * n, hard_negatives=hard_negatives)
-    cells = n * n * (2 if hard_negatives else 1)
-    assert paths.ran() == ("dense" if cells <= DENSE_MAX_CELLS else "cpu")
+    assert paths.ran() == ("dense" if n <= (HN_EDGE if hard_negatives else EDGE) else "cpu")
     for what, a, e in zip(("loss", "dz1", "dz2", "dz3", "dtemperature"), got, expected):
         assert_close64(a, e, what)
 

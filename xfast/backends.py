@@ -16,11 +16,14 @@ KERNEL_MODULES = {"cpu": "cpu_similarity_lse", "triton": "triton_similarity_lse"
 # plain autograd ops (xfast/ops/dense_lse.py); "reference" is the plain-PyTorch loss (the oracle).
 BACKENDS = ("auto", *KERNEL_MODULES, "dense", "reference")
 # Below this many logits (N x M, one local batch) "auto" on CPU takes "dense": there the fused
-# kernel's fixed cost per call outweighs its work. Set from benchmarks/bench_dense_crossover.py
-# (results/dense_crossover.md: forward + backward of clip and simcse, float32 and float64, d 32-512,
-# 1 and 2 threads, AMD EPYC 2 cores). On CUDA "auto" keeps Triton at every size: no GPU crossover
-# was measured.
-DENSE_MAX_CELLS = 64 * 64
+# kernel's fixed cost per call outweighs its work. Measured (benchmarks/bench_dense_crossover.py,
+# results/dense_crossover.md; forward + backward, paired, AMD EPYC 2 cores, 1 and 2 threads): dense
+# takes 0.72-0.96x the fused time up to 96 x 96 logits in every clip and simcse row (float32 and
+# float64, d 32-512); the narrowest margins are at d = 32, float32: clip 0.96x at N = 128 (1.03x in
+# an earlier run), simcse with hard negatives (N x 2N) 0.96x at N = 96 and 1.00x at N = 128. At
+# d = 512 dense stays ahead to N = 256: the bound is set by the small d. On CUDA "auto" keeps
+# Triton at every size: no GPU crossover was measured (no GPU was lent).
+DENSE_MAX_CELLS = 96 * 96
 # Losses that are a few GEMMs and nothing else (CyCLIP) have no kernel to choose.
 GEMM_BACKENDS = ("auto", "reference")
 
