@@ -128,6 +128,13 @@ def test_both_paths_refuse_a_bad_scale_the_public_checks_skip(backend, dtype, va
         xfast.clip_loss(x, y, torch.tensor(value, dtype=torch.float64).to(dtype), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["dense", "cpu"])
+def test_both_paths_refuse_a_bias_that_overflows_the_compute_dtype(backend):
+    z = [torch.randn(5, 4) for _ in range(3)]  # float32: a weight of 1e39 is inf there
+    with pytest.raises(RuntimeError, match="diag_bias must be finite in float32, got 1e\\+39"):
+        xfast.simcse_loss(*z, hard_negative_weight=1e39, backend=backend)
+
+
 def test_dense_needs_a_local_batch():
     with pytest.raises(ValueError, match="backend 'dense' computes a local batch only"):
         check_available("dense", torch.device("cpu"), group=object())

@@ -28,11 +28,20 @@ def check_kernel_scale(scale: torch.Tensor, dtype: torch.dtype) -> None:
         raise RuntimeError(f"scale must be positive and finite in {name}, got {value:g}")
 
 
+def check_kernel_bias(diag_bias: float, dtype: torch.dtype) -> None:
+    """The fused kernels' check of the diagonal bias in their compute dtype (1e39 is inf in float32)."""
+    if not math.isfinite(torch.tensor(diag_bias, dtype=dtype).item()):
+        name = "float64" if dtype == torch.float64 else "float32"
+        raise RuntimeError(f"diag_bias must be finite in {name}, got {diag_bias:g}")
+
+
 def dense_similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, diag_bias: float,
                          diag_offset: int, with_cols: bool, target_offset: int | None, operand_dtype: torch.dtype):
     """(row_lse, col_lse | None, target | None) as similarity_lse returns them (see there)."""
     acc = accumulation_dtype(x)
     check_kernel_scale(scale.detach(), acc)
+    if diag_bias:
+        check_kernel_bias(diag_bias, acc)
     # Operands rounded to operand_dtype first, as the kernels see them (a no-op unless a loss passes
     # float32 copies of 16-bit inputs); gradients stay in the accumulation dtype until the inputs.
     xa, ya = (t if t.dtype == operand_dtype else t.to(operand_dtype) for t in (x, y))
