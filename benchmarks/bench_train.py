@@ -36,6 +36,8 @@ Methods (METHODS):
   transformers  CLIPModel / ClapModel from config objects, return_loss=True (materialises the
                 N x N logits), loss.backward(), clip_grad_norm_, torch AdamW (torch's default:
                 on CPU a loop over the parameters; --baseline-adamw fused gives it xfast's kernel).
+  transformers_compiled  the same loop with the whole HF model compiled (model.compile(), inductor):
+                what a user of the plain loop gets from one more line.
   xfast_2ranks  xfast at ZeRO-2 on 2 ranks (1 thread each): each rank scores its own rows
                 through xfast's distributed fused loss.
   open_clip_2ranks  the HF towers on 2 ranks with open_clip's recipe: features gathered with
@@ -43,6 +45,14 @@ Methods (METHODS):
                 rows, gradients averaged over ranks as DDP does.
 Single-process methods run on 1 thread (the loader worker has the other core); 2-rank methods
 on 1 thread per rank.
+
+Compiled towers (--compile): the xfast methods (and the paired DeepSpeed cost, all three copies)
+compile their two towers as the Trainer does with train.compile (ContrastiveModel.compile_towers)
+when --compile is on, or with the default `config` when the demo config of the size's family
+(demo_clip_tiny / demo_clap_tiny) sets train.compile. Each result says whether it ran compiled
+("compiled"). Compiling happens in the untimed warmup steps (the first step compiles); inductor's
+cache (TORCHINDUCTOR_CACHE_DIR) makes later processes compile faster. The transformers row stays
+eager; transformers_compiled is the loop compiled.
 
 DeepSpeed's own cost per step (tiny sizes; --paired-ranks): the difference of two separate
 throughput runs is mostly their noise (it came out negative), so it is measured paired: one
@@ -82,7 +92,8 @@ SIZES = {
     "wide_b1024": dict(model="clip", hidden=128, batch=1024, micro_batches=1, steps=2, warmup=1),
     "wide_b4096": dict(model="clip", hidden=128, batch=1024, micro_batches=4, steps=1, warmup=1),
 }
-METHODS = ("xfast", "xfast_zero0", "xfast_torch", "transformers", "xfast_2ranks", "open_clip_2ranks")
+METHODS = ("xfast", "xfast_zero0", "xfast_torch", "transformers", "transformers_compiled", "xfast_2ranks",
+           "open_clip_2ranks")
 DEFAULT_METHODS = {"tiny": ("xfast", "xfast_zero0", "xfast_torch", "transformers"),
                    "large": ("xfast", "xfast_torch", "transformers"),
                    "wide": ("xfast", "transformers", "xfast_2ranks", "open_clip_2ranks")}
@@ -95,6 +106,22 @@ def default_methods(size_name: str) -> tuple[str, ...]:
 
 def ranks_of(method: str) -> int:
     return 2 if method.endswith("_2ranks") else 1
+
+
+def demo_compile(size: dict):
+    """The demo config's train.compile for the size's model family, as CompileOptions or None."""
+    from xfast.config import parse
+    from xfast.training.config import OptimConfig, resolve_config_path
+    raw = json.loads(resolve_config_path(f"demo_{size['model']}_tiny").read_text()).get("train", {})
+    return parse(OptimConfig, {"compile": raw.get("compile", False)}, "train").compile_options
+
+
+def compile_options(size: dict, compile_flag: str):
+    """What the xfast methods compile with: --compile on/off, or (config) the demo config's."""
+    from xfast.training.config import CompileOptions
+    if compile_flag == "config":
+        return demo_compile(size)
+    return CompileOptions() if compile_flag == "on" else None
 
 
 def _loader(size: dict, batch_size: int, root: Path, tokenizer, *, rank: int, world: int):
@@ -176,15 +203,18 @@ def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
         betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
 
 
-def _xfast_step(model, size: dict, method: str, world: int, ds_extra: dict):
+def _xfast_step(model, size: dict, method: str, world: int, ds_extra: dict, compile_with=None):
     """step(micro_batches) -> loss: one optimizer step of `model` in the engine of `method`, under
-    RepeatedSteps as in the Trainer (checks across ranks on the first step only)."""
+    RepeatedSteps as in the Trainer (checks across ranks on the first step only); its towers
+    compiled first with `compile_with` (CompileOptions) unless None, as the Trainer does."""
     from xfast.config import parse
     from xfast.distributed.checks import RepeatedSteps
     from xfast.models import Objective, ObjectiveConfig
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.task import ContrastiveTask
 
+    if compile_with is not None:
+        model.compile_towers(mode=compile_with.mode, dynamic=compile_with.dynamic, backend=compile_with.backend)
     objective = Objective(parse(ObjectiveConfig, {}, "objective"))
     task = ContrastiveTask(model, objective)
     plan = objective.plan(0)
@@ -200,13 +230,13 @@ def _xfast_step(model, size: dict, method: str, world: int, ds_extra: dict):
     return step
 
 
-def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_extra: dict):
+def _xfast_step_fn(size: dict, method: str, tokenizer_dir: Path, world: int, ds_extra: dict, compile_with=None):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from xfast.training.engine import init_distributed
 
     init_distributed()
     model = _xfast_model(size, tokenizer_dir)
-    step = _xfast_step(model, size, method, world, ds_extra)
+    step = _xfast_step(model, size, method, world, ds_extra, compile_with)
     return model.tokenizer, step, sum(p.numel() for p in model.parameters())
 
 
@@ -248,13 +278,15 @@ def _baseline_adamw(params, adamw_kernel: str):
                              **({"fused": True} if adamw_kernel == "fused" else {}))
 
 
-def _transformers_step_fn(size: dict, tokenizer_dir: Path, adamw_kernel: str = "default"):
+def _transformers_step_fn(size: dict, tokenizer_dir: Path, adamw_kernel: str = "default", compiled: bool = False):
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     model, media_key = _hf_model(size, tokenizer)
     model.train()
+    if compiled:
+        model.compile()
     optimizer = _baseline_adamw(model.parameters(), adamw_kernel)
 
     def step(micro):
@@ -314,7 +346,7 @@ def _open_clip_step_fn(size: dict, tokenizer_dir: Path, adamw_kernel: str = "def
 
 
 def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_extra: dict, threads: int,
-           malloc: str, adamw_kernel: str = "default") -> dict | None:
+           malloc: str, adamw_kernel: str = "default", compile_flag: str = "off") -> dict | None:
     """Runs in the subprocess (one per rank): `warmup` untimed steps, then `steps` timed ones."""
     import torch
 
@@ -325,15 +357,18 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     torch.set_num_threads(threads)
     size = SIZES[size_name]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if method in ("transformers",):
-        tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer", adamw_kernel)
+    compiled = method == "transformers_compiled"
+    if method in ("transformers", "transformers_compiled"):
+        tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer", adamw_kernel, compiled)
     elif method == "open_clip_2ranks":
         tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer", adamw_kernel)
     else:
-        tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world, ds_extra)
+        compile_with = compile_options(size, compile_flag)
+        compiled = compile_with is not None
+        tokenizer, step, parameters = _xfast_step_fn(size, method, root / "tokenizer", world, ds_extra, compile_with)
     micro_batches = size["micro_batches"]
     rank_batch = size["batch"] // world
-    if method == "transformers" or method == "open_clip_2ranks":  # one pass over the whole batch
+    if not method.startswith("xfast"):  # one pass over the whole batch
         rank_batch, micro_batches = rank_batch * micro_batches, 1
     source = _loader(size, rank_batch, root, tokenizer, rank=rank, world=world)
     batches = iter(source)
@@ -363,7 +398,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
         return None
     samples = steps * size["batch"] * size["micro_batches"]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"samples_per_s": samples / elapsed, "ms_per_step": elapsed / steps * 1e3,
+    return {"samples_per_s": samples / elapsed, "ms_per_step": elapsed / steps * 1e3, "compiled": compiled,
             "data_wait_share": wait / elapsed, "parameters": parameters, "peak_rss_mib": peak_rss,
             "step_cpu_ms": used[0] / steps * 1e3, "loader_cpu_ms": used[1] / steps * 1e3,
             "step_sys_ms": used[2] / steps * 1e3, "step_faults": used[3] / steps, "loader_faults": used[4] / steps}
@@ -391,7 +426,8 @@ def _usage() -> tuple[float, ...]:
 PAIRED = ("xfast_torch", "xfast_zero0", "xfast")
 
 
-def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra: dict, malloc: str) -> dict | None:
+def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra: dict, malloc: str,
+                  compile_flag: str = "off") -> dict | None:
     """DeepSpeed's own cost per step, paired (runs in the subprocess, one per rank).
 
     One process holds three copies of the same model: in plain torch (xfast_torch), ZeRO-0 and
@@ -414,7 +450,8 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     size = SIZES[size_name]
     rank, world = init_distributed()
     model = _xfast_model(size, root / "tokenizer")
-    step_of = {m: _xfast_step(copy.deepcopy(model), size, m, world, ds_extra) for m in PAIRED}
+    compile_with = compile_options(size, compile_flag)
+    step_of = {m: _xfast_step(copy.deepcopy(model), size, m, world, ds_extra, compile_with) for m in PAIRED}
     per_step = size["micro_batches"]
     source = _loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
     stream = iter(source)
@@ -433,7 +470,8 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
             times[method].append(time.perf_counter() - start)
     if rank != 0:
         return None
-    result = {"ranks": world, "steps": len(times["xfast"]), "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
+    result = {"ranks": world, "steps": len(times["xfast"]), "compiled": compile_with is not None,
+              "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
     for method in PAIRED[1:]:
         diffs = [1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"])]
         median, ci95 = median_interval(diffs)
@@ -466,18 +504,19 @@ def run_ranks(args: list[str], world: int, what: str, script: str = __file__) ->
 
 
 def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict, threads: int = 1,
-            malloc: str = "xfast", adamw_kernel: str = "default") -> dict:
+            malloc: str = "xfast", adamw_kernel: str = "default", compile_flag: str = "config") -> dict:
     """One throughput measurement in fresh subprocesses (one per rank); returns rank 0's result."""
     return run_ranks(["--worker", size_name, method, "--steps", str(steps), "--warmup", str(warmup),
                  "--ds-extra", json.dumps(ds_extra), "--threads", str(threads), "--malloc", malloc,
-                 "--baseline-adamw", adamw_kernel],
+                 "--baseline-adamw", adamw_kernel, "--compile", compile_flag],
                 ranks_of(method), f"{size_name}/{method}")
 
 
-def measure_paired(size_name: str, ranks: int, steps: int, warmup: int, ds_extra: dict, malloc: str = "xfast") -> dict:
+def measure_paired(size_name: str, ranks: int, steps: int, warmup: int, ds_extra: dict, malloc: str = "xfast",
+                   compile_flag: str = "config") -> dict:
     """paired_worker on `ranks` ranks (each rank its share of the batch, as the demo's 2 ranks)."""
     return run_ranks(["--paired", size_name, "--paired-steps", str(steps), "--warmup", str(warmup),
-                 "--ds-extra", json.dumps(ds_extra), "--malloc", malloc], ranks, f"{size_name}/paired on {ranks} ranks")
+                 "--ds-extra", json.dumps(ds_extra), "--malloc", malloc, "--compile", compile_flag], ranks, f"{size_name}/paired on {ranks} ranks")
 
 
 def machine() -> str:
@@ -548,7 +587,8 @@ def table(rows: list[dict], header: str) -> str:
             cost = row.get("deepspeed_cost", {}).get("1", {}).get(method)
             ds = _cost_cell(cost) if cost else ""
             rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else ""  # rows saved before it was measured
-            lines.append(f"| {row['size']} (batch {row['batch']}) | {method} | {r['samples_per_s']:.0f} | "
+            name = f"{method} (compiled towers)" if r.get("compiled") and method.startswith("xfast") else method
+            lines.append(f"| {row['size']} (batch {row['batch']}) | {name} | {r['samples_per_s']:.0f} | "
                          f"{r['ms_per_step']:.1f} | {r['data_wait_share']:.0%} | {vs} | {ds} | {rss} |")
     costs = [(row, ranks, result) for row in rows for ranks, result in row.get("deepspeed_cost", {}).items()]
     if costs:
@@ -557,6 +597,7 @@ def table(rows: list[dict], header: str) -> str:
                   "|---|---|---|---|---|---|---|"]
         for row, ranks, result in costs:
             ms = result["ms_per_step"]
+            ranks = f"{ranks}, compiled towers" if result.get("compiled") else ranks
             lines.append(f"| {row['size']} (batch {row['batch']}) | {ranks} | {ms['xfast_torch']:.1f} | "
                          f"{ms['xfast_zero0']:.1f} | {ms['xfast']:.1f} | {_cost_cell(result['xfast_zero0'])} | "
                          f"{_cost_cell(result['xfast'])} |")
@@ -610,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the transformers / open_clip baselines' AdamW: torch's default (on CPU a Python loop "
                              "over the parameters, what a plain loop gets; default) or fused=True, the kernel "
                              "xfast uses, to show what that flag alone is worth")
+    parser.add_argument("--compile", choices=("config", "on", "off"), default="config",
+                        help="compile the xfast methods' towers (as train.compile): config = as the size's demo "
+                             "config (demo_clip_tiny / demo_clap_tiny) says (default; both say false now), on, off. "
+                             "The transformers row stays eager; the transformers_compiled method is the loop "
+                             "compiled")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/train.{json,md}")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--paired", metavar="SIZE", help=argparse.SUPPRESS)
@@ -624,12 +670,13 @@ def main(argv: list[str] | None = None) -> int:
     root, _ = demo_data.ensure()
     if args.worker:
         result = worker(*args.worker, args.steps, args.warmup, root, args.ds_extra, args.threads, args.malloc,
-                        args.baseline_adamw)
+                        args.baseline_adamw, args.compile)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
     if args.paired:
-        result = paired_worker(args.paired, args.paired_steps, args.warmup, root, args.ds_extra, args.malloc)
+        result = paired_worker(args.paired, args.paired_steps, args.warmup, root, args.ds_extra, args.malloc,
+                               args.compile)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
@@ -646,13 +693,13 @@ def main(argv: list[str] | None = None) -> int:
         tiny = SIZES[size_name]["hidden"] == 32 and SIZES[size_name]["batch"] <= 256
         for ranks in args.paired_ranks if args.paired_ranks is not None else (1, 2) if tiny else ():
             paired.setdefault(size_name, {})[ranks] = measure_paired(size_name, ranks, args.paired_steps, args.warmup,
-                                                                     args.ds_extra, args.malloc)
+                                                                     args.ds_extra, args.malloc, args.compile)
     done: list[str] = []
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]
         steps, warmup = size["steps"] or args.steps, size["warmup"] if size["warmup"] is not None else args.warmup
         result = measure(size_name, method, steps, warmup, args.ds_extra, args.threads, args.malloc,
-                         args.baseline_adamw)
+                         args.baseline_adamw, args.compile)
         runs.setdefault((size_name, method), []).append(result)
         print(f"{size_name}/{method}: {result['samples_per_s']:.0f} samples/s, data wait {result['data_wait_share']:.0%}, "
               f"per step: training process {result['step_cpu_ms']:.1f} ms CPU ({result['step_sys_ms']:.1f} in the "

@@ -153,6 +153,20 @@ class ContrastiveModel(nn.Module):
         sentence, projected = self.text(**{k: v.repeat(copies, 1) for k, v in inputs.items()})
         return list(zip(sentence.chunk(copies), projected.chunk(copies)))
 
+    def compile_towers(self, *, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
+        """torch.compile both towers' forward in place (nn.Module.compile): parameter names, the
+        state_dict and checkpoints stay those of the eager model. Input checks, normalisation and
+        the loss stay eager. Inductor draws random numbers (dropout) through torch's own RNG
+        (fallback_random) so that a compiled step uses the masks an eager one would, and the second
+        forward of whole-batch accumulation replays those of the first. `mode` is inductor's (the
+        other backends only trace)."""
+        options = None
+        if backend == "inductor":  # the mode as its options, as torch.compile takes one or the other
+            from torch._inductor import list_mode_options
+            options = {**list_mode_options(mode, dynamic), "fallback_random": True}
+        for tower in (self.text, self.media):
+            tower.compile(backend=backend, dynamic=dynamic, options=options)
+
     def _require_modality(self, modality: str) -> None:
         if self.modality != modality:
             raise ValueError(f"this model's media tower is {self.modality!r}, not {modality!r}")

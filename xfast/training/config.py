@@ -58,6 +58,21 @@ _MANAGED_DS_KEYS = {
 }
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileOptions:
+    """train.compile as an object: torch.compile of the two towers with these settings."""
+    mode: Literal[COMPILE_MODES] = field(
+        default="default", metadata={"help": "torch.compile mode (reduce-overhead: CUDA graphs, GPU only)"})
+    dynamic: bool | None = field(default=None, metadata={
+        "help": "null: static shapes, one recompile to dynamic ones if a shape changes (ragged last batch, "
+                "SimCSE's doubled batch); false: a graph per shape; true: dynamic from the start"})
+    backend: Literal["inductor", "aot_eager", "eager"] = field(default="inductor", metadata={
+        "help": "inductor (generated C++/Triton kernels); aot_eager and eager only trace (debugging)"})
+
+
 @dataclass
 class OptimConfig:
     """Section "train": optimisation and run length."""
@@ -79,6 +94,13 @@ class OptimConfig:
     deterministic: bool = field(default=False, metadata={
         "help": "torch.use_deterministic_algorithms: bit-reproducible runs (resume matches an uninterrupted "
                 "run), possibly slower"})
+    compile: bool | dict[str, Any] = field(default=False, metadata={
+        "help": "torch.compile the two towers in place (parameter names and checkpoints unchanged; input "
+                "checks, normalisation, loss and evaluation stay eager): false, true, or {\"mode\": "
+                + " | ".join(COMPILE_MODES) + ", \"dynamic\": null | true | false, \"backend\": inductor | "
+                "aot_eager | eager}. Compiling takes about 1-2 min per process on 2 CPU cores (cached in "
+                "TORCHINDUCTOR_CACHE_DIR for later runs) and saves about 5 ms per step at the tiny sizes; "
+                "not with zero_stage 3"})
 
     def validate(self, path: str) -> None:
         if self.steps < 1:
@@ -101,6 +123,15 @@ class OptimConfig:
                               f"({int(self.warmup_fraction * self.steps)})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{path}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if isinstance(self.compile, dict):
+            parse(CompileOptions, self.compile, f"{path}.compile")
+
+    @property
+    def compile_options(self) -> CompileOptions | None:
+        """The towers' compile settings, None when train.compile is false."""
+        if self.compile is False:
+            return None
+        return CompileOptions() if self.compile is True else parse(CompileOptions, self.compile, "train.compile")
 
     @property
     def warmup(self) -> int:
@@ -231,6 +262,9 @@ class TrainConfig:
         if self.data.batch_size * self.deepspeed.accumulation_steps < 2:
             raise ConfigError("data.batch_size: a contrastive batch needs >= 2 samples per rank "
                               "(data.batch_size x deepspeed.accumulation_steps)")
+        if self.train.compile_options is not None and self.deepspeed.zero_stage == 3:
+            raise ConfigError("train.compile: not supported with deepspeed.zero_stage 3, which gathers each "
+                              "parameter in module hooks inside the towers; use zero_stage 0-2 or compile false")
         self._check_against_towers()
         check_shards_fill_batches(self, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 

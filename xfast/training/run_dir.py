@@ -14,7 +14,7 @@ names its newest checkpoint. Before a process group, model or data loader exists
   checkpoint: refused.
 
 Only the keys in NEUTRAL may differ silently: where and how often the run logs, saves and
-evaluates. Reads JSON and folder names only (no torch).
+evaluates, and whether the towers are compiled. Reads JSON and folder names only (no torch).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from pathlib import Path
 from xfast.config import ConfigError, to_dict
 
 # Keys (exact, or a section ending in '.') that do not change what a run trains.
-NEUTRAL = ("output_dir", "description", "logging.", "checkpoint.", "eval.")
+NEUTRAL = ("output_dir", "description", "logging.", "checkpoint.", "eval.",
+           "train.compile", "train.compile.")  # compiling changes float32 rounding, not what is trained
 NEUTRAL_STREAM_KEYS = ("persistent_workers", "prefetch_factor", "max_consecutive_skips")
 # The schedule's length: may change on resume (the schedule is re-laid, with a warning).
 SCHEDULE = ("train.steps", "train.warmup_steps", "train.warmup_fraction")

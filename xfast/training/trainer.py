@@ -2,6 +2,7 @@
 
     data        Streams         ("data", "sentence_data", "nli_data") one endless loader per stream
     model       ContrastiveModel ("model") in a ContrastiveTask, the module DeepSpeed wraps
+                (its towers torch.compile'd first if train.compile)
     objective   Objective       ("objective") plans each step: which features, which streams
     engine      DeepSpeed       ("deepspeed", "train") ZeRO, AdamW, warmup + cosine
     checkpoint  CheckpointManager ("checkpoint") atomic saves on its own schedule, exact resume
@@ -78,6 +79,9 @@ class Trainer:
         if self.model.tokenizer is None:
             raise ConfigError("model.text.tokenizer: the text tower needs a tokenizer folder")
         check_data_fits_model(cfg, self.model.data_requirements())
+        if cfg.train.compile_options is not None:  # before DeepSpeed wraps the model
+            options = cfg.train.compile_options
+            self.model.compile_towers(mode=options.mode, dynamic=options.dynamic, backend=options.backend)
         self.objective = Objective(cfg.objective)
         self.task = ContrastiveTask(self.model, self.objective)
         self.engine = engine_from_config(self.task, deepspeed_section=cfg.deepspeed, optim=cfg.train,
@@ -180,7 +184,10 @@ class Trainer:
         self.checkpoints.save(self.engine, self.step, {"data": self.streams.state_dict()})
 
     def evaluate(self) -> None:
-        metrics = self.evaluation(self.engine.module.model)
+        # Compiled towers run eager here: evaluation batches vary in size and run in eval mode, each a
+        # recompile that would cost more than it saves.
+        with torch.compiler.set_stance("force_eager"):
+            metrics = self.evaluation(self.engine.module.model)
         if metrics:
             self.logger.log_eval(self.step, metrics)
 

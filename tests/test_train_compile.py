@@ -1,0 +1,272 @@
+"""train.compile: the towers compiled in place (ContrastiveModel.compile_towers), in a step, in
+DeepSpeed and across a kill + resume.
+
+Compiling costs about a minute per process on 2 cores, so the model here is the one of the
+end-to-end runs (tests/test_train_run.py's tiny_config: BERT + ViT tiny, batch 8, text 24,
+image 32) on the same demo tokenizer: one in-process compile, and the training processes find
+inductor's graphs in its on-disk cache. All but the config checks are marked slow (`make test`
+runs them, `make test-fast` does not).
+"""
+import copy
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from xfast.config import ConfigError, parse
+from xfast.training import demo_data
+from xfast.training.config import OptimConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# -- config (fast)
+
+@pytest.mark.parametrize("value, message", [
+    ("yes", "train.compile: 'yes' does not fit bool"),
+    ({"mode": "fastest"}, "train.compile.mode: 'fastest' is not allowed; choose one of 'default'"),
+    ({"mdoe": "default"}, "train.compile.mdoe: unknown key (did you mean 'mode'?)"),
+    ({"dynamic": "no"}, "train.compile.dynamic: expected true or false"),
+    ({"backend": "tvm"}, "train.compile.backend: 'tvm' is not allowed"),
+])
+def test_a_bad_compile_value_is_refused_naming_the_key(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(OptimConfig, {"compile": value}, "train")
+
+
+def test_compile_values_and_their_options():
+    assert parse(OptimConfig, {}, "train").compile_options is None
+    assert parse(OptimConfig, {"compile": False}, "train").compile_options is None
+    on = parse(OptimConfig, {"compile": True}, "train").compile_options
+    assert (on.mode, on.dynamic, on.backend) == ("default", None, "inductor")
+    options = parse(OptimConfig, {"compile": {"mode": "max-autotune-no-cudagraphs", "dynamic": False}},
+                    "train").compile_options
+    assert (options.mode, options.dynamic, options.backend) == ("max-autotune-no-cudagraphs", False, "inductor")
+
+
+def test_compile_with_zero3_is_refused(tmp_path):
+    from tests.test_train_run import tiny_config
+    from xfast.training.config import TrainConfig
+    root = tmp_path / "demo"
+    demo_data.generate(root, train=16, test=4, sentences=4, seed=1)
+    raw = tiny_config(root / "images" / "train", root / "tokenizer", train={"compile": True},
+                      deepspeed={"zero_stage": 3})
+    with pytest.raises(ConfigError, match="train.compile: not supported with deepspeed.zero_stage 3"):
+        parse(TrainConfig, raw, "config")
+
+
+def test_switching_compile_does_not_block_a_resume():
+    from xfast.training.run_dir import differences
+    saved = {"train": {"lr": 1.0}}  # a run saved before train.compile existed
+    assert differences(saved, {"train": {"lr": 1.0, "compile": {"mode": "default"}}}) == []
+    assert differences({"train": {"lr": 1.0, "compile": True}}, {"train": {"lr": 2.0, "compile": False}}) == \
+        [("train.lr", 1.0, 2.0)]
+
+
+# -- the compiled step (slow: one compile for the module)
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile") / "demo"
+    demo_data.generate(root, train=48, test=12, sentences=20, seed=5)
+    return root
+
+
+def _model(tokenizer):
+    from tests.test_train_run import tiny_config
+    from xfast.models import ModelConfig, build_model
+    torch.manual_seed(0)
+    return build_model(parse(ModelConfig, tiny_config(tokenizer.parent, tokenizer)["model"], "model"))
+
+
+def _batches(model, count: int, rows: int = 8, length: int = 24):
+    """Right-padded captions of random lengths and random images, as the loader makes them."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = model.text.backbone.config.vocab_size
+    out = []
+    for _ in range(count):
+        lengths = torch.randint(3, length + 1, (rows,), generator=generator)
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        ids = torch.randint(5, vocab, (rows, length), generator=generator) * mask
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "pixel_values": torch.randn(rows, 3, 32, 32, generator=generator)})
+    return out
+
+
+class _PlainEngine:
+    """whole_batch_step's engine interface over a module: backward only, no optimizer."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def _accumulated_step(model, micro, seed: int):
+    """Loss and parameter gradients of one whole-batch step (GradCache over the micro-batches)."""
+    from xfast.models import Objective, ObjectiveConfig
+    from xfast.training.accumulation import whole_batch_step
+    from xfast.training.task import ContrastiveTask
+    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+    task = ContrastiveTask(model, objective)
+    plan = objective.plan(0)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    batches = [dict(b, pixel_values=b["pixel_values"].to(dtype)) for b in micro]
+    loss, _, _ = whole_batch_step(_PlainEngine(task), [{"pairs": b, "plan": plan} for b in batches],
+                                  lambda f, s, group: task.loss(f, s, plan, group=group))
+    return loss.double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def models(demo_root):
+    """Eager float32, eager float64 and compiled float32 copies of one tiny model (dropout on)."""
+    eager = _model(demo_root / "tokenizer")
+    compiled = copy.deepcopy(eager)
+    compiled.compile_towers()
+    return eager, copy.deepcopy(eager).double(), compiled
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_within_float32_rounding(models):
+    """Two micro-batches through whole-batch accumulation, dropout on (the same masks: inductor
+    draws them with torch's RNG, replayed in the second forward). Inductor fuses and reorders the
+    float32 sums, so its result is another float32 rounding of the same function: its error
+    against float64 (same weights, same masks) must be of the size of eager float32's (flash-
+    attention's rule: at most twice it), plus 8 float32 ulps of the largest value for tensors
+    that eager happens to get nearly exact."""
+    eager, reference, compiled = models
+    micro = _batches(eager, 2)
+    loss64, grads64 = _accumulated_step(reference, micro, seed=3)
+    results = {"eager": _accumulated_step(eager, micro, seed=3), "compiled": _accumulated_step(compiled, micro, seed=3)}
+    ulp = torch.finfo(torch.float32).eps
+    assert grads64.keys() == results["eager"][1].keys() == results["compiled"][1].keys()
+    for name in ["loss", *grads64]:
+        ref = loss64 if name == "loss" else grads64[name]
+        err = {k: ((v[0] if name == "loss" else v[1][name]) - ref).abs().max().item() for k, v in results.items()}
+        scale = ref.abs().max().item()
+        # the reference has the same dropout masks (else eager float32 would be off by O(1) too)
+        assert err["eager"] <= 1e-3 * scale + 1e-6, (name, err, scale)
+        assert err["compiled"] <= 2 * err["eager"] + 8 * ulp * scale, (name, err, scale)
+
+
+@pytest.mark.slow
+def test_compiled_towers_keep_parameter_names_and_checkpoint_keys(models):
+    eager, _, compiled = models
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    fresh = copy.deepcopy(eager)
+    fresh.load_state_dict(compiled.state_dict(), strict=True)
+
+
+@pytest.mark.slow
+def test_no_recompile_after_the_first_step(models):
+    """Fixed shapes (drop_last, text padded to max_length): the graphs of the first step serve
+    every later one, and evaluation under the trainer's force_eager stance adds none."""
+    from torch._dynamo.utils import counters
+    _, _, compiled = models
+    micro = _batches(compiled, 6)
+    _accumulated_step(compiled, micro[:2], seed=4)
+    graphs = counters["stats"]["unique_graphs"]
+    recompiles = sum(counters["recompiles"].values())
+    for i in range(2, 6, 2):
+        _accumulated_step(compiled, micro[i:i + 2], seed=4)
+    compiled.eval()
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        compiled.encode_text(micro[0]["input_ids"][:3], micro[0]["attention_mask"][:3])
+        compiled.encode_image(micro[0]["pixel_values"][:5])
+    compiled.train()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["recompiles"].values()) == recompiles
+
+
+# -- DeepSpeed and the Trainer (slow, separate processes)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_trains_compiled_towers_as_eager_ones(models, stage):
+    """ZeRO-0 and ZeRO-2 over compiled towers: their gradient hooks fire, and one optimizer step
+    moves the weights as the eager engine's does. AdamW with eps 10 (>> |grad|) steps by about
+    lr * grad / eps, so the step shows the gradient itself, not just its sign; compiled and eager
+    gradients differ by float32 rounding (the test above), far below 1e-3 of the step."""
+    from xfast.models import Objective, ObjectiveConfig
+    from xfast.training.accumulation import whole_batch_step
+    from xfast.training.engine import build_engine, deepspeed_config, init_distributed
+    from xfast.training.task import ContrastiveTask
+    init_distributed()
+    eager = models[0]
+    micro = _batches(eager, 2)
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    delta = {}
+    for name in ("eager", "compiled"):
+        model = copy.deepcopy(eager)
+        if name == "compiled":
+            model.compile_towers()  # the graphs compiled for `models` serve this copy too
+        objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+        task = ContrastiveTask(model, objective)
+        plan = objective.plan(0)
+        engine = build_engine(task, ds_config=deepspeed_config(
+            micro_batch_size=8, accumulation_steps=2, world_size=1, zero_stage=stage, precision="fp32",
+            gradient_clipping=0.0), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.98), eps=10.0, tower_lr={},
+            warmup_steps=0, total_steps=10, min_lr_ratio=0.0)
+        torch.manual_seed(3)
+        whole_batch_step(engine, [{"pairs": b, "plan": plan} for b in micro],
+                         lambda f, s, group, task=task, plan=plan: task.loss(f, s, plan, group=group))
+        assert engine.global_steps == 1
+        delta[name] = {k: (v.detach().double() - before[k].double()) for k, v in model.state_dict().items()}
+    moved = [k for k, d in delta["compiled"].items() if d.abs().max() > 0]
+    assert len(moved) > len(before) // 2, moved
+    ulp = torch.finfo(torch.float32).eps
+    for key in before:
+        step = delta["eager"][key].abs().max().item()
+        # + an ulp of the weights: the step is read back as a difference of float32 weights
+        bound = 1e-3 * step + 2 * ulp * before[key].abs().max().item()
+        assert (delta["compiled"][key] - delta["eager"][key]).abs().max().item() <= bound, key
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_compiled_run_killed_then_resumed_ends_bit_equal_to_an_uninterrupted_one(demo_root, launcher):
+    """Compiled -> compiled resume is exact: kill -9 after step 5 (checkpoint at 3), the same
+    command resumes, and the final weights and every logged loss equal those of a run that was
+    never interrupted (accumulation over 2 micro-batches, dropout on, evaluation in between)."""
+    from tests.test_train_run import clean_env, final_weights, losses, tiny_config, train_args
+    workdir = demo_root.parent
+    held_out = {"task": "retrieval", "data": str(demo_root / "images" / "test"), "ks": [1, 5]}
+    cfg = tiny_config(demo_root / "images" / "train", demo_root / "tokenizer", train={"compile": True},
+                      deepspeed={"accumulation_steps": 2},  # evaluation runs the towers eager:
+                      eval={"tasks": {"held_out": held_out}, "before_training": True, "every_steps": 4})
+    cfg["data"]["batch_size"] = 8
+    cfg_path = workdir / "compiled.json"
+    cfg_path.write_text(json.dumps(cfg))
+    runs = {}
+    for name, fault in (("uninterrupted", None), ("killed", "train.step@5")):
+        runs[name] = workdir / name
+        env = dict(clean_env(), **({"XFAST_FAULT": fault} if fault else {}))
+        result = launcher.run("xfast.train", train_args(cfg_path, f"output_dir={runs[name]}"), cwd=workdir, env=env,
+                              timeout=600)
+        if fault:
+            assert result.returncode == -9, result.stderr[-4000:]
+        else:
+            assert result.returncode == 0, result.stderr[-4000:]
+    assert (runs["killed"] / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    resumed = launcher.run("xfast.train", train_args(cfg_path, f"output_dir={runs['killed']}"), cwd=workdir,
+                           env=clean_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    a, b = final_weights(runs["uninterrupted"]), final_weights(runs["killed"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    loss_a, loss_b = losses(runs["uninterrupted"]), losses(runs["killed"])
+    assert all(loss_b[step] == loss_a[step] for step in range(4, 11)), (loss_a, loss_b)
