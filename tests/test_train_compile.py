@@ -227,10 +227,13 @@ def test_deepspeed_trains_compiled_towers_as_eager_ones(models, stage):
     moved = [k for k, d in delta["compiled"].items() if d.abs().max() > 0]
     assert len(moved) > len(before) // 2, moved
     ulp = torch.finfo(torch.float32).eps
+    largest = max(d.abs().max().item() for d in delta["eager"].values())
     for key in before:
         step = delta["eager"][key].abs().max().item()
-        # + an ulp of the weights: the step is read back as a difference of float32 weights
-        bound = 1e-3 * step + 2 * ulp * before[key].abs().max().item()
+        # + an ulp of the weights: the step is read back as a difference of float32 weights; + 1e-6 of
+        # the largest step: a gradient that is 0 in exact arithmetic (attention key biases) is
+        # rounding noise of the gradients flowing past it, not of its own size
+        bound = 1e-3 * step + 1e-6 * largest + 2 * ulp * before[key].abs().max().item()
         assert (delta["compiled"][key] - delta["eager"][key]).abs().max().item() <= bound, key
 
 
