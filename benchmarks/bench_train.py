@@ -563,10 +563,10 @@ HEADER = ("Training throughput on CPU: 1 thread per process unless the command s
           "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
           "xfast methods only (unless the command says --malloc); the baselines' AdamW is torch's default (unless the "
           "command says --baseline-adamw fused), xfast's the fused kernel. vs transformers: the median "
-          "over rounds of each round's ratio (every round runs each method once; balanced order since 2026-11-29 11:30, rotating before), then "
+          "over rounds of each round's ratio (every round runs each method once; balanced order since 2026-11-29 11:39, rotating before), then "
           "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
-                 "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:30, rotating before); "
+                 "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:39, rotating before); "
                  "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]")
 
 
