@@ -2,6 +2,7 @@
 and a user's explicit keys win."""
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,143 @@ def _stage_steps(rank: int, world: int, stage: int) -> None:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_runs_the_fused_adamw_like_plain_torch(stage):
     run_ranks(1, _stage_steps, stage)
+
+
+def _foreach_adamw(module, **optim):
+    """xfast's AdamW as it was before it chose torch's fused kernel: the same groups, foreach."""
+    optimizer = adamw(module, **optim)
+    for group in optimizer.param_groups:
+        group.update(fused=None, foreach=True)
+    return optimizer
+
+
+def _resume_steps(rank: int, world: int, stage: int, folder: str) -> None:
+    """A checkpoint written by a foreach AdamW (the flags torch saves in each parameter group) is
+    resumed by an engine that chose the fused kernel: the resumed run keeps fused, its `step`
+    counters as the fused kernel wants them, and continues from the saved moments."""
+    import xfast.training.engine as engine_module
+    _init_deepspeed()
+    config = deepspeed_config(micro_batch_size=6, accumulation_steps=1, world_size=world, zero_stage=stage,
+                              precision="fp32", gradient_clipping=0.0)
+    optim = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    torch.manual_seed(1)
+    batches = [{"x": torch.randn(6, 5), "y": torch.randn(6, 7)} for _ in range(3)]
+
+    def engine(optimizer_of):
+        torch.manual_seed(0)
+        original, engine_module.adamw = engine_module.adamw, optimizer_of
+        try:
+            return build_engine(Towers(), ds_config=config, tower_lr={}, warmup_steps=0, total_steps=10,
+                                min_lr_ratio=1.0, **optim)
+        finally:
+            engine_module.adamw = original
+
+    def kernel(e):
+        return getattr(e.optimizer, "optimizer", e.optimizer)  # ZeRO wraps the torch optimizer
+
+    def step(e, batch):
+        torch.manual_seed(2)  # the same dropout masks in both runs
+        whole_batch_step(e, [batch], _objective)
+
+    old = engine(_foreach_adamw)
+    for batch in batches[:2]:
+        step(old, batch)
+    old.save_checkpoint(folder, tag="old")
+    # ZeRO 1-3 write their optimizer partitions apart; stage 0 keeps the optimizer with the model
+    if stage:
+        saved = torch.load(next(Path(folder, "old").glob("*optim_states.pt")), weights_only=False)
+        saved_groups = saved["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    else:
+        saved = torch.load(Path(folder, "old", "mp_rank_00_model_states.pt"), weights_only=False)
+        saved_groups = saved["optimizer"]["param_groups"]
+    assert all(g["foreach"] and not g["fused"] for g in saved_groups)  # the old format, really
+
+    resumed = engine(adamw)
+    path, _ = resumed.load_checkpoint(folder, tag="old", load_optimizer_states=True, load_lr_scheduler_states=True)
+    assert path is not None
+    groups = kernel(resumed).param_groups
+    assert all(g["fused"] and not g["foreach"] for g in groups), [(g["fused"], g["foreach"]) for g in groups]
+    for state in kernel(resumed).state.values():
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 2
+    calls = []
+    fused = torch._fused_adamw_
+    torch._fused_adamw_ = lambda *a, **k: calls.append(1) or fused(*a, **k)
+    try:
+        step(resumed, batches[2])
+    finally:
+        torch._fused_adamw_ = fused
+    assert calls, "the resumed step did not run the fused kernel"
+    step(old, batches[2])  # the old run's third step, on foreach
+    for (name, value), other in zip(old.module.named_parameters(), resumed.module.parameters()):
+        # The same AdamW step from the same moments, weights and gradient: fused and foreach round
+        # each of the update's ~8 operations (|update| <= lr) and the parameter's once, per element.
+        # (Resumed without the moments, the step would differ by about lr.)
+        torch.testing.assert_close(other.detach(), value.detach(), rtol=2 * 2**-23, atol=2 * 8 * 2**-24 * optim["lr"],
+                                   msg=lambda m, name=name: f"stage {stage} {name}: {m}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_checkpoint_of_the_foreach_adamw_resumes_on_the_fused_kernel(stage, tmp_path):
+    run_ranks(1, _resume_steps, stage, str(tmp_path))
+
+
+def _bf16_objective(features, shared, group=None):
+    return _objective({k: v.float() for k, v in features.items()}, {k: v.float() for k, v in shared.items()}, group)
+
+
+def _bf16_stage_step(rank: int, world: int, stage: int, folder: str) -> None:
+    """bf16 at ZeRO 1-3: the towers compute in bf16 and the fused AdamW updates the fp32 master
+    partitions. One step against a plain bf16 model whose fp32 master copy takes the same fused
+    AdamW on its bf16 gradients; the masters read back from the checkpoint by name."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    _init_deepspeed()
+    torch.manual_seed(0)
+    model = Towers()
+    reference = Towers().to(torch.bfloat16)
+    reference.load_state_dict(model.state_dict())
+    master = Towers()
+    master.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})  # what bf16 starts from
+    config = deepspeed_config(micro_batch_size=6, accumulation_steps=1, world_size=world, zero_stage=stage,
+                              precision="bf16", gradient_clipping=0.0)
+    optim = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    engine = build_engine(model, ds_config=config, tower_lr={}, warmup_steps=0, total_steps=10, min_lr_ratio=1.0, **optim)
+    plain = adamw(master, **optim)
+    kernel = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    assert all(g["fused"] for g in kernel.param_groups)
+    dtypes = []
+    fused = torch._fused_adamw_
+    torch._fused_adamw_ = lambda params, *a, **k: dtypes.extend(p.dtype for p in params) or fused(params, *a, **k)
+    torch.manual_seed(1)
+    batch = {"x": torch.randn(6, 5), "y": torch.randn(6, 7)}
+    try:
+        rng = torch.get_rng_state()
+        whole_batch_step(engine, [{k: v.to(torch.bfloat16) for k, v in batch.items()}], _bf16_objective)
+    finally:
+        torch._fused_adamw_ = fused
+    assert dtypes and set(dtypes) == {torch.float32}, dtypes  # the fp32 partitions, not the bf16 weights
+    torch.set_rng_state(rng)  # the same dropout masks
+    loss, _ = _bf16_objective(*reference({k: v.to(torch.bfloat16) for k, v in batch.items()}))
+    loss.backward()
+    for p, m in zip(reference.parameters(), master.parameters()):
+        m.grad = p.grad.float()
+    plain.step()
+    engine.save_checkpoint(folder, tag="step1")
+    trained = get_fp32_state_dict_from_zero_checkpoint(folder, tag="step1")
+    if stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    else:
+        weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for name, value in master.named_parameters():
+        assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], trained[name].to(torch.bfloat16)), name
+        # One fused step on one flat partition vs separate tensors (see _stage_steps), same bf16 gradient.
+        torch.testing.assert_close(trained[name].float(), value.detach(), rtol=2 * 2**-23, atol=2 * 8 * 2**-24 * optim["lr"],
+                                   msg=lambda m, name=name: f"bf16 stage {stage} {name}: {m}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_zero_stages_run_the_fused_adamw_on_fp32_masters(stage, tmp_path):
+    run_ranks(1, _bf16_stage_step, stage, str(tmp_path))

@@ -188,7 +188,26 @@ def adamw(module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[flo
         del group["names"]
     fused = all(fused_adamw_supports(p, device_type) for g in groups for p in g["params"])
     kernel = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernel)
+    optimizer.register_load_state_dict_pre_hook(_keep_this_runs_kernel)
+    return optimizer
+
+
+KERNEL_FLAGS = ("fused", "foreach")
+
+
+def _keep_this_runs_kernel(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict | None:
+    """A load_state_dict pre-hook: the loaded parameter groups keep the kernel flags chosen in this
+    process. torch restores every key of a saved group, so a checkpoint written before xfast chose
+    the fused kernel (fused None, foreach True) would turn a resumed run back to foreach. The flags
+    say which implementation runs here, not what was learnt; with them set first, torch also
+    places the loaded `step` counters as this kernel needs (float32 on the parameter's device for
+    fused). Groups that do not pair up are left to torch, which refuses them."""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        return None
+    groups = [{**old, **{k: now.get(k) for k in KERNEL_FLAGS}} for old, now in zip(saved, optimizer.param_groups)]
+    return {**state_dict, "param_groups": groups}
 
 
 def fused_adamw_supports(param: torch.Tensor, device_type: str | None = None) -> bool:
