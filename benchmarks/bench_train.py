@@ -12,9 +12,10 @@ of wall time spent waiting for the next batch) is comparable. Each result also h
 the CPU of the training process (step_cpu_ms, of it in the kernel: step_sys_ms) and of its
 loader workers (loader_cpu_ms), and their minor page faults (step_faults, loader_faults): with 1
 loader worker at the tiny sizes the worker is about as busy as the step, so wall time follows
-whichever is slower. The xfast methods run with xfast's malloc settings, as the Trainer
-(xfast.training.process.keep_freed_memory); the baselines with glibc's defaults unless
---malloc all (--malloc none: glibc's defaults everywhere).
+whichever is slower. The xfast methods run with xfast's process settings, as the Trainer
+(xfast.training.process: keep_freed_memory, and freeze_objects_before_fork before the loader
+forks); the baselines with glibc's and Python's defaults unless --malloc all (--malloc none:
+the defaults everywhere).
 
 Sizes (SIZES):
   tiny_clap, tiny_clip  the demo's towers: hidden 32, 2 layers, batch 32. CLAP = RoBERTa +
@@ -350,8 +351,9 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     """Runs in the subprocess (one per rank): `warmup` untimed steps, then `steps` timed ones."""
     import torch
 
-    from xfast.training.process import keep_freed_memory
-    if malloc == "all" or (malloc == "xfast" and method.startswith("xfast")):
+    from xfast.training.process import freeze_objects_before_fork, keep_freed_memory
+    settings = malloc == "all" or (malloc == "xfast" and method.startswith("xfast"))
+    if settings:
         keep_freed_memory()  # what xfast's Trainer does first (before the loader forks its worker)
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -371,6 +373,8 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     if not method.startswith("xfast"):  # one pass over the whole batch
         rank_batch, micro_batches = rank_batch * micro_batches, 1
     source = _loader(size, rank_batch, root, tokenizer, rank=rank, world=world)
+    if settings:
+        freeze_objects_before_fork()  # as the Trainer once everything is built
     batches = iter(source)
 
     def next_batch():  # endless: the loader starts its next epoch when one ends
@@ -560,7 +564,7 @@ def summarize(runs: dict, sizes, methods_of, paired: dict) -> list[dict]:
 
 
 HEADER = ("Training throughput on CPU: 1 thread per process unless the command says --threads (2-rank methods: 2 processes), best of "
-          "alternating rounds on a shared machine; demo data through xfast.data; xfast's malloc settings in the "
+          "alternating rounds on a shared machine; demo data through xfast.data; xfast's process settings in the "
           "xfast methods only (unless the command says --malloc); the baselines' AdamW is torch's default (unless the "
           "command says --baseline-adamw fused), xfast's the fused kernel. vs transformers: the median "
           "over rounds of each round's ratio (every round runs each method once; balanced order since 2026-11-29 11:39, rotating before), then "
@@ -643,10 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per training process (default 1: the loader worker has the other core)")
     parser.add_argument("--malloc", choices=("xfast", "all", "none"), default="xfast",
-                        help="which methods' processes run with xfast's malloc settings "
-                             "(xfast.training.process.keep_freed_memory): xfast = the xfast methods, as the "
-                             "Trainer does (default); all = the baselines too, to show what the setting alone is "
-                             "worth; none = glibc's defaults everywhere")
+                        help="which methods' processes run with xfast's process settings "
+                             "(xfast.training.process: keep_freed_memory, freeze_objects_before_fork): xfast = the "
+                             "xfast methods, as the Trainer does (default); all = the baselines too, to show what the "
+                             "settings alone are worth; none = glibc's and Python's defaults everywhere")
     parser.add_argument("--baseline-adamw", choices=("default", "fused"), default="default",
                         help="the transformers / open_clip baselines' AdamW: torch's default (on CPU a Python loop "
                              "over the parameters, what a plain loop gets; default) or fused=True, the kernel "
