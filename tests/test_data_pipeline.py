@@ -351,6 +351,54 @@ def test_persistent_workers_follow_the_epoch(tmp_path, tokenizer):
         assert [k for k in epoch1 if k in planned] == planned
 
 
+def _batch_keys(loader, stop_after=None) -> list[list[str]]:
+    keys = []
+    for batch in loader:
+        keys.append(batch["__key__"])
+        if len(keys) == stop_after:
+            break
+    return keys
+
+
+def test_training_workers_run_ahead_into_the_next_epoch_and_keep_its_order(tmp_path, tokenizer):
+    """Persistent workers of a training loader go on into the next epoch while the others finish
+    the current one: worker 0 (shard 0, 2 batches) makes epoch 1's first prefetch_factor batches
+    while worker 1 (shard 1, 8 batches) ends epoch 0, and no more. Every epoch still gives the
+    batches, in the order, of workers started afresh for it; also when a loop is left early."""
+    pattern = write_shards(tmp_path, [4, 16])
+    layout = dict(num_workers=2, batch_size=2, shard_shuffle=False, drop_last=False)
+    fresh = build_loader(data_config(pattern, persistent_workers=False, **layout), tokenizer)
+    expected = [_batch_keys(fresh) for _ in range(3)]
+    loader = build_loader(data_config(pattern, **layout), tokenizer)
+    epochs = [_batch_keys(loader)]
+    waiting = [[(item["__epoch__"], "__end__" in item) for item in queue] for queue in loader._turns.waiting]
+    assert waiting == [[(1, False), (1, False)], []]
+    head = _batch_keys(loader, stop_after=3)
+    assert loader.epoch == 1 and loader._started()
+    epochs.append(head + _batch_keys(loader))  # the same workers continue where the loop stood
+    epochs.append(_batch_keys(loader))
+    assert epochs == expected
+    assert sorted(k for batch in expected[1] for k in batch) == _all_keys(20) and expected[1] != expected[2]
+
+
+def test_chained_workers_resume_mid_epoch_and_at_an_epoch_boundary(tmp_path, tokenizer):
+    pattern = write_shards(tmp_path, [6, 6, 4])
+    cfg = data_config(pattern, num_workers=2, batch_size=2, drop_last=False)
+    loader = build_loader(cfg, tokenizer)
+    epoch0 = _batch_keys(loader)
+    boundary = loader.state_dict()  # epoch 1 not started; its first batches already made
+    head = _batch_keys(loader, stop_after=3)
+    middle = loader.state_dict()
+    tail = _batch_keys(loader)
+    epoch2 = _batch_keys(loader)
+    for state, rest in ((boundary, head + tail), (middle, tail)):
+        resumed = build_loader(cfg, tokenizer)
+        resumed.load_state_dict(state)
+        assert _batch_keys(resumed) == rest
+        assert _batch_keys(resumed) == epoch2
+    assert sorted(k for batch in epoch0 for k in batch) == _all_keys(16)
+
+
 @pytest.mark.slow
 def test_resume_after_one_worker_finished(tmp_path, tokenizer):
     write_tar(tmp_path / "s-0.tar", image_samples(0, 8))

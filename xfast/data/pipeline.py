@@ -20,6 +20,7 @@ to "drawn" without decoding it (tar bytes are read again, nothing is decoded).
 from __future__ import annotations
 
 import atexit
+import collections
 import hashlib
 import logging
 import math
@@ -82,6 +83,7 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.train = train
         self.shared_epoch = shared_epoch
+        self.chain_epochs = False  # workers go on into the next epoch (StreamingLoader sets it)
         self.processor = PROCESSORS[cfg.modality](cfg, tokenizer, train)
         self.resume: dict | None = None  # set by the loader before workers start
 
@@ -119,8 +121,31 @@ class ShardStream(IterableDataset):
         resume = None
         if self.resume is not None and self.resume["epoch"] == epoch:
             resume = self.resume["workers"][worker]
-        batches = self._run(epoch, worker, num_workers, resume)
-        return batches if info is None else map(for_pipe, batches)
+        if info is None:
+            return self._run(epoch, worker, num_workers, resume)
+        if self.chain_epochs:
+            return map(for_pipe, self._epochs_from(epoch, worker, num_workers, resume))
+        return map(for_pipe, self._run(epoch, worker, num_workers, resume))
+
+    def _epochs_from(self, epoch: int, worker: int, num_workers: int, resume: dict | None):
+        """This slot's items of `epoch`, then of every later epoch (each ends with its end marker):
+        a worker goes on into the next epoch while the main process still reads the last batches
+        of the others, up to prefetch_factor items of the epoch after the one the main process is
+        in (shared_epoch); beyond that it sends idle markers instead of waiting, because the main
+        process takes the workers' results in turn and would wait for this one first."""
+        while True:
+            items = self._run(epoch, worker, num_workers, resume)
+            made = 0  # items of this epoch so far
+            while True:
+                while epoch > self.shared_epoch.value and (epoch > self.shared_epoch.value + 1
+                                                           or made >= self.cfg.prefetch_factor):
+                    yield {"__worker__": worker, "__idle__": True}
+                item = next(items, None)
+                if item is None:
+                    break
+                made += 1
+                yield item
+            epoch, resume = epoch + 1, None
 
     def _raw_samples(self, epoch: int, worker: int, num_workers: int, counts: dict, streak: _Streak):
         def on_skip(kind: str, detail: str) -> None:
@@ -252,6 +277,45 @@ def _stop_workers_at_exit() -> None:
         iterator._shutdown_workers()
 
 
+class _InTurns:
+    """The main side of workers that chain epochs. torch hands out each worker's next item in a
+    fixed cycle, and a chained worker never ends, so its items of the next epoch come while the
+    others finish the current one: they wait in one queue per worker (idle markers are dropped).
+    `epoch()` reads the items in the order a fresh DataLoader gives them: the workers in turn, each
+    leaving the cycle after its end marker; the turn is kept when a loop is left early.
+
+    Resumed mid-epoch (`positions`), the turn goes on where it stood: in turns, the next batch
+    comes from the worker, among those not done, that has delivered the fewest (the lowest
+    index on a tie). A worker that was done sends its end marker again at its first turn."""
+
+    def __init__(self, source: Iterator[dict], positions: list[dict]):
+        self.source = source
+        self.waiting = [collections.deque() for _ in positions]
+        self.cycle = list(range(len(positions)))  # workers not yet at their end marker
+        running = [(p["batches"], w) for w, p in enumerate(positions) if not p["done"]]
+        self.turn = min(running)[1] if running else 0  # index in cycle of the next worker
+
+    def next_epoch(self) -> None:
+        self.cycle, self.turn = list(range(len(self.waiting))), 0
+
+    def epoch(self) -> Iterator[dict]:
+        while self.cycle:
+            worker = self.cycle[self.turn]
+            queue = self.waiting[worker]
+            while not queue:
+                item = next(self.source)
+                if not item.get("__idle__"):
+                    self.waiting[item["__worker__"]].append(item)
+            item = queue.popleft()
+            if item.get("__end__"):
+                del self.cycle[self.turn]
+            else:
+                self.turn += 1
+            if self.turn >= len(self.cycle):
+                self.turn = 0
+            yield item
+
+
 class StreamingLoader:
     """Iterates one epoch of batches per `for` loop; reports and restores its position.
 
@@ -279,6 +343,7 @@ class StreamingLoader:
         self._positions = self._fresh_positions()
         self._last_skips = empty_counts()
         self._loader: DataLoader | None = None
+        self._turns: _InTurns | None = None  # the workers' results when they chain epochs
 
     # Properties ----------------------------------------------------------------------------
 
@@ -324,18 +389,26 @@ class StreamingLoader:
         if epoch != self._epoch:
             self._epoch = epoch
             self._positions = self._fresh_positions()
+            if self._turns is not None:  # chained workers are in another epoch
+                self._stop_workers()
             if self._dataset.resume is not None:  # workers holding a stale resume point must restart
                 self._dataset.resume = None
                 self._loader = None
 
     def __iter__(self) -> Iterator[dict]:
-        if self._started():
+        if self._started() and self._turns is None:
             # Continue mid-epoch: new workers replay to the position delivered so far.
             self._dataset.resume = self.state_dict()
             self._loader = None
-        self._shared_epoch.value = self._epoch
+        self._shared_epoch.value = self._epoch  # chained workers may now run ahead into the next epoch
         if self.cfg.num_workers == 0:
             source = iter(self._dataset)
+        elif self._chains_epochs():
+            if self._turns is None:
+                self._dataset.chain_epochs = True
+                self._turns = _InTurns(iter(self._get_loader()), self._positions)
+                _RUNNING.add(self._turns.source)
+            source = self._turns.epoch()
         else:
             source = iter(self._get_loader())
             _RUNNING.add(source)
@@ -376,6 +449,19 @@ class StreamingLoader:
         self._epoch += 1
         self._positions = self._fresh_positions()
         self._dataset.resume = None
+        if self._turns is not None:
+            self._turns.next_epoch()
+
+    def _chains_epochs(self) -> bool:
+        """Training with persistent workers: they go on into the next epoch (ShardStream._epochs_from)
+        instead of waiting for the main process to ask for it, so an epoch starts with its first
+        batches made, without the cold start (shuffle buffer refilled, first batch decoded) in the
+        step's way. An evaluation loader reads one pass and stops: its workers prefetch nothing."""
+        return self.train and self.cfg.persistent_workers and self.cfg.num_workers > 0
+
+    def _stop_workers(self) -> None:
+        self._loader = None
+        self._turns = None
 
     def _get_loader(self) -> DataLoader:
         if self._loader is None:
@@ -387,7 +473,7 @@ class StreamingLoader:
 
     def close(self) -> None:
         """Stop persistent workers."""
-        self._loader = None
+        self._stop_workers()
 
     # Position and skip counts --------------------------------------------------------------
 
@@ -423,7 +509,7 @@ class StreamingLoader:
         self._epoch = int(state["epoch"])
         self._positions = [dict(p, skips={**empty_counts(), **p["skips"]}) for p in state["workers"]]
         self._dataset.resume = self.state_dict() if self._started() else None
-        self._loader = None
+        self._stop_workers()
 
     def skip_counts(self) -> dict[str, int]:
         """Unusable data per kind, summed over workers, in the current epoch (or the one just
