@@ -6,6 +6,7 @@ import torch
 
 from tests.model_cases import make_model, nli_inputs, objective, paired_batch
 from xfast._checks import DeferredChecks
+from xfast.models.specs import _pool_text
 
 
 class Reads:
@@ -95,13 +96,13 @@ def test_a_refused_batch_leaves_no_gradient(tok):
 def test_deferred_checks_name_the_problem_when_the_work_breaks_first():
     checks = DeferredChecks()
     with pytest.raises(ValueError, match="rows are empty") as info:
-        with checks.reading():
+        with checks.consuming():
             checks.add(torch.tensor([False, True]), "rows are empty")
             raise IndexError("index -1 is out of bounds")
     assert isinstance(info.value.__cause__, IndexError)
     # No problem flagged: the original error propagates unchanged.
     with pytest.raises(IndexError):
-        with checks.reading():
+        with checks.consuming():
             checks.add(torch.tensor(False), "rows are empty")
             raise IndexError("index -1 is out of bounds")
     # The first problem added wins; flags are cleared after a read.
@@ -111,3 +112,38 @@ def test_deferred_checks_name_the_problem_when_the_work_breaks_first():
     with pytest.raises(ValueError, match="^b$"):
         checks.read()
     checks.read()  # nothing pending
+
+
+def test_eos_pooling_of_an_empty_row_stays_in_bounds(tok):
+    # Unclamped, the empty row's index is -1: an IndexError on CPU, a device-side assert on CUDA
+    # (which kills the context) before the deferred check naming the row is read.
+    hidden = torch.randn(3, 5, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+
+    class Backbone:
+        def __call__(self, input_ids, attention_mask):
+            return type("Out", (), {"last_hidden_state": hidden})()
+
+    pooled = _pool_text(Backbone(), {"input_ids": mask, "attention_mask": mask}, "eos")
+    torch.testing.assert_close(pooled, torch.stack([hidden[0, 2], hidden[1, 0], hidden[2, 4]]), rtol=0, atol=0)
+    model = make_model(tok, text={"pooling": "eos"})
+    batch = paired_batch(model)
+    batch["attention_mask"] = batch["attention_mask"].clone()
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="attention_mask has a row with no tokens") as info:
+        model.features(batch)
+    assert info.value.__cause__ is None  # named by the check itself, not by a forward that broke
+
+
+def test_a_structural_error_is_not_relabelled_as_a_data_problem(tok):
+    # NaN media are flagged (deferred) before the NLI inputs are looked at: the missing key is the
+    # error the caller must see, not the media's problem.
+    model = make_model(tok)
+    obj = objective({"simcse": {"mode": "sup", "schedule": "joint"}})
+    batch = paired_batch(model)
+    batch["pixel_values"] = batch["pixel_values"].clone()
+    batch["pixel_values"][0] = float("nan")
+    nli = nli_inputs(model)
+    del nli["negative_attention_mask"]
+    with pytest.raises(ValueError, match="nli lacks negative_attention_mask"):
+        model.features(batch, objective=obj, nli=nli)

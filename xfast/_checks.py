@@ -53,9 +53,8 @@ class DeferredChecks:
 
     add(flags, message): the problem `message` is present iff some element of the bool tensor
     `flags` is True. read() raises ValueError(message) for the first problem added that is
-    present. Use `with checks.reading():` around the work that consumes the checked data: the
-    flags are read when the block ends, and if the block raises first (the bad data may have
-    broken the computation), the named problem is raised instead, chained to that error.
+    present. Wrap the work that consumes the checked data in `with checks.consuming():` and
+    call read() once that work is done.
     """
 
     def __init__(self):
@@ -89,7 +88,10 @@ class DeferredChecks:
             raise ValueError(message)
 
     @contextlib.contextmanager
-    def reading(self):
+    def consuming(self):
+        """Around work that consumes the checked data (a tower's forward): if it raises, and the
+        data was bad (which may have broken it), the named problem is raised instead, chained to
+        that error. Only there: an error of the caller's own (a missing key) stays what it is."""
         try:
             yield self
         except Exception as err:
@@ -97,7 +99,6 @@ class DeferredChecks:
             if message is not None:
                 raise ValueError(message) from err
             raise
-        self.read()
 
 
 def check_alike(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, same_rows: bool = True) -> None:

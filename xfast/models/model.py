@@ -50,7 +50,8 @@ class ContrastiveModel(nn.Module):
         return self._encode_text(input_ids, attention_mask, None, normalized)
 
     def _encode_text(self, input_ids, attention_mask, checks: DeferredChecks | None, normalized: bool = True):
-        _, projected = self.text(**self.text.check_inputs(checks, input_ids=input_ids, attention_mask=attention_mask))
+        inputs = self.text.check_inputs(checks, input_ids=input_ids, attention_mask=attention_mask)
+        _, projected = _forward(self.text, inputs, checks)
         return normalize(projected) if normalized else projected
 
     def sentence_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,8 @@ class ContrastiveModel(nn.Module):
         return self._encode_media(media_input(batch, self.modality), None, normalized)
 
     def _encode_media(self, media: torch.Tensor, checks: DeferredChecks | None, normalized: bool = True):
-        _, projected = self.media(**self.media.check_inputs(checks, **{MEDIA_INPUT[self.modality]: media}))
+        inputs = self.media.check_inputs(checks, **{MEDIA_INPUT[self.modality]: media})
+        _, projected = _forward(self.media, inputs, checks)
         return normalize(projected) if normalized else projected
 
     def data_requirements(self) -> dict:
@@ -92,8 +94,9 @@ class ContrastiveModel(nn.Module):
         """
         plan = feature_plan(objective, step, plan)
         checks = DeferredChecks()
-        with checks.reading():
-            return self._features(checks, plan, batch, sentences, nli)
+        out = self._features(checks, plan, batch, sentences, nli)
+        checks.read()
+        return out
 
     def _features(self, checks: DeferredChecks, plan: FeaturePlan, batch, sentences, nli) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -138,10 +141,10 @@ class ContrastiveModel(nn.Module):
                      for part in ("anchor", "positive", "negative")]
             if len({p["input_ids"].shape for p in parts}) == 1:
                 # One forward pass over the stacked triplets (the data pads them to one length).
-                sentence, proj = self.text(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+                sentence, proj = _forward(self.text, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, checks)
                 encoded = list(zip(sentence.chunk(3), proj.chunk(3)))
             else:
-                encoded = [self.text(**p) for p in parts]
+                encoded = [_forward(self.text, p, checks) for p in parts]
             for part, (sentence, proj) in zip(("anchor", "positive", "negative"), encoded):
                 out[f"nli_{part}"] = normalize(proj) if projected else sentence
         return out
@@ -150,7 +153,7 @@ class ContrastiveModel(nn.Module):
 
     def _text_views(self, input_ids, attention_mask, copies: int, checks: DeferredChecks):
         inputs = self.text.check_inputs(checks, input_ids=input_ids, attention_mask=attention_mask)
-        sentence, projected = self.text(**{k: v.repeat(copies, 1) for k, v in inputs.items()})
+        sentence, projected = _forward(self.text, {k: v.repeat(copies, 1) for k, v in inputs.items()}, checks)
         return list(zip(sentence.chunk(copies), projected.chunk(copies)))
 
     def compile_towers(self, *, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
@@ -175,6 +178,14 @@ class ContrastiveModel(nn.Module):
         """A transformers CLIPModel/ClapModel folder when the towers fit one, else HF towers + heads;
         plus text/ (sentence-transformers) and xfast_config.json. See xfast.models.io."""
         return io.save_pretrained(self, out_dir, preprocessing=preprocessing)
+
+
+def _forward(tower, inputs: dict, checks: DeferredChecks | None):
+    """tower(**inputs); an error in it is reported as the deferred data problem if there is one."""
+    if checks is None:  # check_inputs has read the checks already
+        return tower(**inputs)
+    with checks.consuming():
+        return tower(**inputs)
 
 
 def _require(source: Mapping | None, keys, name: str) -> None:

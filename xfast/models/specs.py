@@ -76,8 +76,10 @@ def _pool_text(backbone, inputs, pooling: str) -> torch.Tensor:
     if pooling == "mean":
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)
-    # eos: the last real token of each right-padded row (CLIP's EOT, BERT's [SEP]).
-    last = (attention_mask.sum(1) - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    # eos: the last real token of each right-padded row (CLIP's EOT, BERT's [SEP]). An empty row would
+    # index -1 (a device-side assert on CUDA, which kills the context) before the deferred check that
+    # names it is read: clamp, so the forward stays in bounds and the check reports it.
+    last = (attention_mask.sum(1) - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, last).squeeze(1)
 
 
