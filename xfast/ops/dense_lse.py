@@ -17,21 +17,26 @@ import torch
 from xfast.backends import accumulation_dtype
 
 
+def _in_compute_dtype(value: float, dtype: torch.dtype) -> tuple[float, str]:
+    """`value` rounded to the kernels' compute dtype, and that dtype's name for messages."""
+    return torch.tensor(value, dtype=dtype).item(), "float64" if dtype == torch.float64 else "float32"
+
+
 def check_kernel_scale(scale: torch.Tensor, dtype: torch.dtype) -> None:
     """The fused kernels' own check of the scale, in their compute dtype, with their message: a
     zero scale would make dscale NaN and a negative one flip the logits (the public checks skip
-    a tensor scale's value on a trusted repeated step). Reads the value: use on CPU tensors."""
+    a tensor scale's value on a trusted repeated step). Reads the value: CPU tensors only (the
+    "dense" backend refuses other devices)."""
     value = float(scale)
-    rounded = torch.tensor(value, dtype=dtype).item()
+    rounded, name = _in_compute_dtype(value, dtype)
     if not (math.isfinite(rounded) and rounded > 0):
-        name = "float64" if dtype == torch.float64 else "float32"
         raise RuntimeError(f"scale must be positive and finite in {name}, got {value:g}")
 
 
 def check_kernel_bias(diag_bias: float, dtype: torch.dtype) -> None:
     """The fused kernels' check of the diagonal bias in their compute dtype (1e39 is inf in float32)."""
-    if not math.isfinite(torch.tensor(diag_bias, dtype=dtype).item()):
-        name = "float64" if dtype == torch.float64 else "float32"
+    rounded, name = _in_compute_dtype(diag_bias, dtype)
+    if not math.isfinite(rounded):
         raise RuntimeError(f"diag_bias must be finite in {name}, got {diag_bias:g}")
 
 
