@@ -2,7 +2,8 @@
 
 Every measurement is one (size, method) pair run in its own subprocess(es); each of --repeat
 rounds runs every method once, in a balanced order (benchmarks/rounds.py: over a whole number
-of orders each method runs in every position and after every other one equally often). The ratio to the
+of orders each method runs in every position and after every other one equally often; --repeat is
+not rounded up to whole orders, so a shorter run is only nearly balanced). The ratio to the
 transformers loop is taken per round (the two ran at most minutes apart) and its median over
 the rounds is the reported figure; the best round of each method and best/best are kept too
 (every round is in the JSON). On this kind of machine one process can run 45% faster than the
@@ -635,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                              + " ".join(DEFAULT_METHODS["wide"]) + ")")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per tiny measurement (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, tiny sizes (default 5)")
-    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the best is kept (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, each method once per round in the next balanced order (exactly balanced at "
+                        "multiples of the period: n orders for n methods, 2n when n is odd); default 3")
     parser.add_argument("--ds-extra", type=json.loads, default={}, metavar="JSON",
                         help="DeepSpeed config keys merged into the xfast methods' config (the trainer's "
                              "deepspeed.extra), e.g. '{\"zero_optimization\": {\"overlap_comm\": true}}'")

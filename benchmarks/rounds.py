@@ -34,12 +34,12 @@ def round_order(methods, round_index: int) -> list:
     return [methods[i] for i in orders[round_index % len(orders)]]
 
 
-def median_rank_bounds(n: int, confidence: float = 0.95) -> tuple[int, int]:
+def median_rank_bounds(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
     """0-based indices (lo, hi) into n sorted values such that [x_lo, x_hi] covers the median
     with probability >= confidence for any continuous distribution: the largest lo with
     P(Binomial(n, 1/2) <= lo) <= (1 - confidence) / 2 (exact binomial; hi = n - 1 - lo).
     The median lies below x_lo (0-based) exactly when at most lo values fall below it.
-    Too few values for any such interval (n < 6 at 95%): (0, n - 1), whose coverage is less."""
+    None when too few values allow any such interval (n < 6 at 95%: even [min, max] covers less)."""
     alpha = (1 - confidence) / 2
     cdf, lo = 0.0, -1
     for k in range(n):
@@ -47,13 +47,14 @@ def median_rank_bounds(n: int, confidence: float = 0.95) -> tuple[int, int]:
         if cdf > alpha:
             break
         lo = k
-    lo = max(lo, 0)
-    return lo, n - 1 - lo
+    return None if lo < 0 else (lo, n - 1 - lo)
 
 
 def median_interval(diffs: list[float]) -> tuple[float, list[float]]:
     """The median of per-round differences and its distribution-free 95% interval (order
-    statistics from median_rank_bounds)."""
+    statistics from median_rank_bounds); [nan, nan] (printed as nan) from fewer than 6 values,
+    where no 95% interval exists."""
     diffs = sorted(diffs)
-    lo, hi = median_rank_bounds(len(diffs))
-    return statistics.median(diffs), [diffs[lo], diffs[hi]]
+    bounds = median_rank_bounds(len(diffs))
+    interval = [math.nan, math.nan] if bounds is None else [diffs[bounds[0]], diffs[bounds[1]]]
+    return statistics.median(diffs), interval

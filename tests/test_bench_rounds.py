@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
+from collections import Counter
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -34,7 +36,10 @@ def test_known_ranks():
     assert rounds.median_rank_bounds(60) == (21, 38)
     assert rounds.median_rank_bounds(30) == (9, 20)
     assert rounds.median_rank_bounds(20) == (5, 14)
-    assert rounds.median_rank_bounds(5) == (0, 4)  # too few for 95%: the whole range
+    # Too few for 95%: even [min, max] of 5 covers 1 - 2/32 = 93.75% only.
+    assert coverage(5, 0) < Fraction(95, 100) and rounds.median_rank_bounds(5) is None
+    median, interval = rounds.median_interval([3.0, 1.0, 2.0])
+    assert median == 2.0 and all(math.isnan(v) for v in interval)
 
 
 def test_median_interval_reads_the_sorted_values():
@@ -56,9 +61,16 @@ def test_simulated_coverage_matches():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
-def test_round_order_walks_the_balanced_orders(n):
+def test_round_order_is_balanced_over_one_period(n):
+    # Over balanced_rounds(1, n) rounds, as round_order gives them: every method in every position
+    # equally often, and right after every other method equally often; then the orders repeat.
     methods = [f"m{i}" for i in range(n)]
-    orders = rounds.balanced_orders(n)
-    for r in range(2 * len(orders)):
-        assert rounds.round_order(methods, r) == [methods[i] for i in orders[r % len(orders)]]
+    period = rounds.balanced_rounds(1, n)
+    seen = [rounds.round_order(methods, r) for r in range(period)]
+    assert all(sorted(order) == methods for order in seen)
+    positions = Counter((m, i) for order in seen for i, m in enumerate(order))
+    assert set(positions.values()) == {period // n} and len(positions) == n * n
+    pairs = Counter(pair for order in seen for pair in zip(order, order[1:]))
+    assert n == 1 or (len(pairs) == n * (n - 1) and len(set(pairs.values())) == 1)
+    assert [rounds.round_order(methods, period + r) for r in range(period)] == seen
 
