@@ -11,7 +11,7 @@ the cost of the step itself; run it from two checkouts (PYTHONPATH) alternately 
 --adamw default gives both torch's default AdamW (xfast's engine otherwise takes the fused kernel
 on CPU; the loop's is torch's default unless --adamw fused).
 
-    python benchmarks/bench_step_inmem.py --size tiny_clip --adamw fused --rounds 60
+    python benchmarks/bench_step_inmem.py --size tiny_clip --adamw fused --rounds 60 [--label COMMIT --save]
 """
 from __future__ import annotations
 
@@ -71,11 +71,12 @@ def measure(size_name: str, adamw_kind: str, rounds: int) -> dict:
             float(steps[m]([batches[i % 4]]))
             times[m].append(time.perf_counter() - start)
     ratios = [b / a for a, b in zip(times["xfast_torch"], times["transformers"])]
-    median, ci95 = median_interval([1e3 * (a - b) for a, b in zip(times["xfast_torch"], times["transformers"])])
+    diffs = [1e3 * (a - b) for a, b in zip(times["xfast_torch"], times["transformers"])]
+    median, ci95 = median_interval(diffs)
     return {"size": size_name, "adamw": adamw_kind, "rounds": rounds,
             "xfast_ms": statistics.median(times["xfast_torch"]) * 1e3,
             "transformers_ms": statistics.median(times["transformers"]) * 1e3,
-            "speed_ratio": statistics.median(ratios), "diff_ms": median, "diff_ci95": ci95}
+            "speed_ratio": statistics.median(ratios), "diff_ms": median, "diff_ci95": ci95, "round_diffs_ms": diffs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", default="fused", choices=["fused", "default"],
                    help="AdamW kernel of both steps: fused (xfast's choice) or torch's default (the plain loop's)")
     p.add_argument("--rounds", type=int, default=60, help="paired rounds (default 60)")
+    p.add_argument("--label", default="", help="names the checkout measured (e.g. a commit) in the saved row")
+    p.add_argument("--save", action="store_true",
+                   help="add the result (with every round's difference) to benchmarks/results/step_inmem.json")
     args = p.parse_args(argv)
-    print("RESULT " + json.dumps(measure(args.size, args.adamw, args.rounds)), flush=True)
+    load = open("/proc/loadavg").read().split()[0]
+    result = measure(args.size, args.adamw, args.rounds)
+    result.update(label=args.label, machine=bench_train.machine(), load_at_start=load,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  command="python benchmarks/bench_step_inmem.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print("RESULT " + json.dumps(result), flush=True)
+    if args.save:  # appended: runs of two checkouts alternate, each adds its row
+        out = bench_train.RESULTS / "step_inmem.json"
+        rows = json.loads(out.read_text()) if out.exists() else []
+        out.write_text(json.dumps(rows + [result], indent=1) + "\n")
     os._exit(0)  # torch/DeepSpeed threads left by init_distributed must not hold the exit
 
 
