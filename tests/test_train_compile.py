@@ -36,6 +36,23 @@ def test_a_bad_compile_value_is_refused_naming_the_key(value, message):
         parse(OptimConfig, {"compile": value}, "train")
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_cuda_graph_mode_is_refused_naming_why(mode):
+    with pytest.raises(ConfigError, match=re.escape(f"train.compile.mode: {mode!r} captures CUDA graphs")):
+        parse(OptimConfig, {"compile": {"mode": mode}}, "train")
+
+
+def test_compile_towers_never_turns_cuda_graphs_on(monkeypatch):
+    from xfast.models.model import ContrastiveModel
+    seen = []
+    tower = type("Tower", (), {"compile": lambda self, **kwargs: seen.append(kwargs)})()
+    model = type("Model", (), {"text": tower, "media": tower})()
+    with pytest.raises(ValueError, match="mode 'reduce-overhead' is not supported"):
+        ContrastiveModel.compile_towers(model, mode="reduce-overhead")
+    ContrastiveModel.compile_towers(model, mode="max-autotune-no-cudagraphs")
+    assert len(seen) == 2 and all(k["options"]["triton.cudagraphs"] is False for k in seen), seen
+
+
 def test_compile_values_and_their_options():
     assert parse(OptimConfig, {}, "train").compile_options is None
     assert parse(OptimConfig, {"compile": False}, "train").compile_options is None
@@ -137,27 +154,56 @@ def models(demo_root):
     return eager, copy.deepcopy(eager).double(), compiled
 
 
+ULP = torch.finfo(torch.float32).eps
+
+
+def _layer(name: str) -> str:
+    """The block a parameter belongs to ("...layer.0.attention.self" for its query/key/value
+    weights and biases): its gradients are sums over the same upstream gradient and inputs."""
+    return name.rsplit(".", 2)[0]
+
+
+def _rounding_scales(grads64: dict, eager: dict) -> dict[str, tuple[float, float]]:
+    """Per parameter: (E, S) of its block. S: the largest |gradient| of the block in float64 (what
+    flows through it); E: eager float32's largest error against float64 over the block (the
+    rounding that float32 arithmetic on these sums really makes, on this CPU's BLAS). A tensor
+    whose gradient is 0 in exact arithmetic (attention key biases: softmax ignores a shift of
+    the scores) carries only rounding noise of the block's upstream gradient, so its own size
+    says nothing of the error it may have; the block's does."""
+    blocks: dict[str, list[float]] = {}
+    for name, ref in grads64.items():
+        e, s = blocks.setdefault(_layer(name), [0.0, 0.0])
+        blocks[_layer(name)] = [max(e, (eager[name] - ref).abs().max().item()), max(s, ref.abs().max().item())]
+    return {name: tuple(blocks[_layer(name)]) for name in grads64}
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager_within_float32_rounding(models):
     """Two micro-batches through whole-batch accumulation, dropout on (the same masks: inductor
     draws them with torch's RNG, replayed in the second forward). Inductor fuses and reorders the
-    float32 sums, so its result is another float32 rounding of the same function: its error
-    against float64 (same weights, same masks) must be of the size of eager float32's (flash-
-    attention's rule: at most twice it), plus 8 float32 ulps of the largest value for tensors
-    that eager happens to get nearly exact."""
+    float32 sums, so its result is another float32 rounding of the same function. Each gradient's
+    error against float64 (same weights, same masks) is bounded by its block's rounding scale:
+    twice eager float32's largest error in the block (flash-attention's rule, over a block, not a
+    tensor whose exact value may be 0) plus 4 ulps of the block's largest gradient (a rounding
+    of each of the few values a fused kernel may store differently)."""
     eager, reference, compiled = models
     micro = _batches(eager, 2)
     loss64, grads64 = _accumulated_step(reference, micro, seed=3)
-    results = {"eager": _accumulated_step(eager, micro, seed=3), "compiled": _accumulated_step(compiled, micro, seed=3)}
-    ulp = torch.finfo(torch.float32).eps
-    assert grads64.keys() == results["eager"][1].keys() == results["compiled"][1].keys()
-    for name in ["loss", *grads64]:
-        ref = loss64 if name == "loss" else grads64[name]
-        err = {k: ((v[0] if name == "loss" else v[1][name]) - ref).abs().max().item() for k, v in results.items()}
-        scale = ref.abs().max().item()
-        # the reference has the same dropout masks (else eager float32 would be off by O(1) too)
-        assert err["eager"] <= 1e-3 * scale + 1e-6, (name, err, scale)
-        assert err["compiled"] <= 2 * err["eager"] + 8 * ulp * scale, (name, err, scale)
+    loss_e, grads_e = _accumulated_step(eager, micro, seed=3)
+    loss_c, grads_c = _accumulated_step(compiled, micro, seed=3)
+    assert grads64.keys() == grads_e.keys() == grads_c.keys()
+    scales = _rounding_scales(grads64, grads_e)
+    worst_relative = 0.0
+    for name, ref in grads64.items():
+        e, s = scales[name]
+        # the reference has the same dropout masks (else eager float32 would be off by O(1) of s)
+        assert e <= 1e-3 * s, (name, e, s)
+        worst_relative = max(worst_relative, e / s)
+        err = (grads_c[name] - ref).abs().max().item()
+        assert err <= 2 * e + 4 * ULP * s, (name, err, e, s)
+    # The loss: the same forward roundings, relative to its size, as the gradients' worst block.
+    bound = 2 * (loss_e - loss64).abs().item() + 2 * worst_relative * loss64.abs().item() + 4 * ULP * loss64.abs().item()
+    assert (loss_c - loss64).abs().item() <= bound, (loss_c, loss_e, loss64)
 
 
 @pytest.mark.slow
@@ -198,7 +244,7 @@ def test_deepspeed_trains_compiled_towers_as_eager_ones(models, stage):
     """ZeRO-0 and ZeRO-2 over compiled towers: their gradient hooks fire, and one optimizer step
     moves the weights as the eager engine's does. AdamW with eps 10 (>> |grad|) steps by about
     lr * grad / eps, so the step shows the gradient itself, not just its sign; compiled and eager
-    gradients differ by float32 rounding (the test above), far below 1e-3 of the step."""
+    gradients differ by float32 rounding (the test above)."""
     from xfast.models import Objective, ObjectiveConfig
     from xfast.training.accumulation import whole_batch_step
     from xfast.training.engine import build_engine, deepspeed_config, init_distributed
@@ -226,15 +272,20 @@ def test_deepspeed_trains_compiled_towers_as_eager_ones(models, stage):
         delta[name] = {k: (v.detach().double() - before[k].double()) for k, v in model.state_dict().items()}
     moved = [k for k, d in delta["compiled"].items() if d.abs().max() > 0]
     assert len(moved) > len(before) // 2, moved
-    ulp = torch.finfo(torch.float32).eps
-    largest = max(d.abs().max().item() for d in delta["eager"].values())
+    # AdamW's first step with eps = 10: update = lr * g / (|g| + eps), whose slope in g is at most
+    # lr / eps. So compiled and eager steps differ by lr / eps times their gradients' difference,
+    # bounded through float64: eager's own block error E plus the compiled bound of the test above
+    # (2 E + 4 ulp S); plus 4 ulps of the step (the update's own float32 arithmetic) and 1 ulp of
+    # each of the two float32 weights the step is read back from.
+    _, grads64 = _accumulated_step(models[1], micro, seed=3)
+    _, grads_e = _accumulated_step(copy.deepcopy(eager), micro, seed=3)
+    scales = _rounding_scales(grads64, grads_e)
+    lr, eps = 1e-2, 10.0
     for key in before:
+        e, s = scales.get(key, (0.0, 0.0))  # buffers: no gradient, no step
         step = delta["eager"][key].abs().max().item()
-        # + an ulp of the weights: the step is read back as a difference of float32 weights; + 1e-6 of
-        # the largest step: a gradient that is 0 in exact arithmetic (attention key biases) is
-        # rounding noise of the gradients flowing past it, not of its own size
-        bound = 1e-3 * step + 1e-6 * largest + 2 * ulp * before[key].abs().max().item()
-        assert (delta["compiled"][key] - delta["eager"][key]).abs().max().item() <= bound, key
+        bound = lr / eps * (3 * e + 4 * ULP * s) + 4 * ULP * step + 2 * ULP * before[key].abs().max().item()
+        assert (delta["compiled"][key] - delta["eager"][key]).abs().max().item() <= bound, (key, e, s)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,66 @@ def test_frozen_objects_keep_their_pages_shared_with_a_forked_worker():
     assert plain["faults"] > plain["pages"] / 2, plain
     assert frozen["faults"] < frozen["pages"] / 20, frozen
     assert frozen["frozen"] >= 300_000 and plain["frozen"] == 0
+
+
+# Runs in a fresh interpreter (a Trainer sets process-wide state: the process group, threads):
+# build a Trainer on the tiny run's config, drop it, and see whether its model is freed.
+TRAINER_PROBE = textwrap.dedent("""
+    import gc, json, sys, weakref
+    from xfast.config import parse
+    from xfast.training import demo_data
+    from xfast.training.config import TrainConfig
+    from xfast.training.trainer import Trainer
+    from tests.test_train_run import tiny_config
+
+    root = sys.argv[1]
+    demo_data.generate(f"{root}/demo", train=16, test=4, sentences=4, seed=1)
+    raw = tiny_config(f"{root}/demo/images/train", f"{root}/demo/tokenizer")
+    raw["output_dir"] = f"{root}/run"
+    trainer = Trainer(parse(TrainConfig, raw, "config"))
+    frozen = gc.get_freeze_count()
+    model = weakref.ref(trainer.model)
+    del trainer
+    gc.collect()
+    print(json.dumps({"frozen": frozen, "model_freed": model() is None}))
+""")
+
+
+def test_a_dropped_trainer_frees_its_model(tmp_path):
+    """gc.freeze would keep the Trainer's cyclic objects (modules, DeepSpeed's engine) forever:
+    the Trainer class leaves it to the one-run entry point, so a process that builds several
+    Trainers (a notebook, a sweep, a test session) gets each one's memory back."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", TRAINER_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"frozen": 0, "model_freed": True}, result
+
+
+def test_the_train_entry_point_freezes_once_the_trainer_is_built(monkeypatch):
+    """The fork fix stays in `xfast train`: objects are frozen after the Trainer is built and
+    before train() (where the loaders fork their workers)."""
+    import gc
+
+    import xfast.train
+    import xfast.training.trainer
+    seen = {}
+
+    class Probe:
+        def __init__(self, cfg):
+            seen["frozen_at_build"] = gc.get_freeze_count()
+
+        def train(self):
+            seen["frozen_at_train"] = gc.get_freeze_count()
+            return 0
+
+    monkeypatch.setattr(xfast.training.trainer, "Trainer", Probe)
+    gc.unfreeze()
+    try:
+        assert xfast.train.train(object()) == 0
+    finally:
+        gc.unfreeze()
+    assert seen["frozen_at_build"] == 0 and seen["frozen_at_train"] > 0, seen

@@ -146,8 +146,14 @@ def train(cfg: TrainConfig) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it guessed
+    from xfast.training.process import freeze_objects_before_fork
     from xfast.training.trainer import Trainer
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    # Everything is built and the loaders fork their workers at the first batch. gc.freeze is
+    # process-wide and keeps frozen cycles forever, so it belongs to this one-run process, not to
+    # the Trainer class (a notebook, a sweep or a test session builds several).
+    freeze_objects_before_fork()
+    return trainer.train()
 
 
 if __name__ == "__main__":

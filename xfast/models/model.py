@@ -162,11 +162,16 @@ class ContrastiveModel(nn.Module):
         the loss stay eager. Inductor draws random numbers (dropout) through torch's own RNG
         (fallback_random) so that a compiled step uses the masks an eager one would, and the second
         forward of whole-batch accumulation replays those of the first. `mode` is inductor's (the
-        other backends only trace)."""
+        other backends only trace), without CUDA graphs: their outputs are overwritten by the next
+        replay, and accumulation keeps every micro-batch's tower outputs."""
+        if mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_towers: mode {mode!r} is not supported; 'default' or "
+                             f"'max-autotune-no-cudagraphs' (the others capture CUDA graphs, whose outputs "
+                             f"the next replay overwrites while accumulation still holds them)")
         options = None
         if backend == "inductor":  # the mode as its options, as torch.compile takes one or the other
             from torch._inductor import list_mode_options
-            options = {**list_mode_options(mode, dynamic), "fallback_random": True}
+            options = {**list_mode_options(mode, dynamic), "fallback_random": True, "triton.cudagraphs": False}
         for tower in (self.text, self.media):
             tower.compile(backend=backend, dynamic=dynamic, options=options)
 

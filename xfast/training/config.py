@@ -58,14 +58,20 @@ _MANAGED_DS_KEYS = {
 }
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# torch.compile modes that capture CUDA graphs. Their outputs are static buffers that the next
+# replay overwrites, while whole-batch accumulation keeps every micro-batch's features from a
+# no-grad forward and then reruns each micro-batch (replaying its dropout RNG): refused.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
 class CompileOptions:
     """train.compile as an object: torch.compile of the two towers with these settings."""
     mode: Literal[COMPILE_MODES] = field(
-        default="default", metadata={"help": "torch.compile mode (reduce-overhead: CUDA graphs, GPU only)"})
+        default="default", metadata={"help": "torch.compile mode; the CUDA-graph modes (reduce-overhead, "
+                                     "max-autotune) are refused: whole-batch accumulation keeps tower outputs "
+                                     "that a graph replay would overwrite"})
     dynamic: bool | None = field(default=None, metadata={
         "help": "null: static shapes, one recompile to dynamic ones if a shape changes (ragged last batch, "
                 "SimCSE's doubled batch); false: a graph per shape; true: dynamic from the start"})
@@ -124,6 +130,12 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{path}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if isinstance(self.compile, dict):
+            mode = self.compile.get("mode")
+            if isinstance(mode, str) and mode in CUDA_GRAPH_MODES:
+                raise ConfigError(
+                    f"{path}.compile.mode: {mode!r} captures CUDA graphs, whose outputs the next replay "
+                    f"overwrites, but whole-batch accumulation keeps each micro-batch's tower outputs across "
+                    f"forwards; use 'default' or 'max-autotune-no-cudagraphs'")
             parse(CompileOptions, self.compile, f"{path}.compile")
 
     @property

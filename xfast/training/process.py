@@ -68,6 +68,8 @@ def freeze_objects_before_fork() -> None:
     ~900 faults per step or ~20 depending on whether that collection fell into it. Frozen objects
     (imported modules, the model's and DeepSpeed's objects) are not examined again, so no page is
     copied and later full collections are cheap. The cost: a reference cycle among objects alive
-    now is never freed if it becomes garbage later (gc.unfreeze() undoes it)."""
+    now is never freed if it becomes garbage later (gc.unfreeze() undoes it), so only a process
+    that runs one training run calls it (xfast.train's entry point, the benchmarks), not the
+    Trainer class."""
     gc.collect()
     gc.freeze()

@@ -36,7 +36,7 @@ from xfast.training.evaluation import PeriodicEvaluation
 from xfast.training.faults import fault_point
 from xfast.training.logging import TrainLogger, setup_output
 from xfast.training.preflight import check_free_space, check_writable
-from xfast.training.process import freeze_objects_before_fork, keep_freed_memory, torch_threads
+from xfast.training.process import keep_freed_memory, torch_threads
 from xfast.training.signals import GracefulStop
 from xfast.training.streams import Streams, batch_rows
 from xfast.training.task import ContrastiveTask
@@ -79,8 +79,8 @@ class Trainer:
         if self.model.tokenizer is None:
             raise ConfigError("model.text.tokenizer: the text tower needs a tokenizer folder")
         check_data_fits_model(cfg, self.model.data_requirements())
-        if cfg.train.compile_options is not None:  # before DeepSpeed wraps the model
-            options = cfg.train.compile_options
+        options = cfg.train.compile_options
+        if options is not None:  # before DeepSpeed wraps the model
             self.model.compile_towers(mode=options.mode, dynamic=options.dynamic, backend=options.backend)
         self.objective = Objective(cfg.objective)
         self.task = ContrastiveTask(self.model, self.objective)
@@ -120,7 +120,6 @@ class Trainer:
         if state is not None:
             self.logger.write(f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} "
                               f"at step {self.step}")
-        freeze_objects_before_fork()  # everything is built; the loaders fork their workers at the first batch
 
     def train_step(self) -> StepResult:
         """One optimizer step over deepspeed.accumulation_steps micro-batches per rank."""
