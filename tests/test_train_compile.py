@@ -82,6 +82,26 @@ def test_switching_compile_does_not_block_a_resume():
         [("train.lr", 1.0, 2.0)]
 
 
+def test_resuming_with_compile_switched_says_so(tmp_path):
+    from tests.test_train_lifecycle import start_run
+    from tests.test_train_run import tiny_config
+    from xfast.training.config import TrainConfig
+    from xfast.training.run_dir import plan_resume
+    root = tmp_path / "demo"
+    demo_data.generate(root, train=16, test=4, sentences=4, seed=1)
+
+    def config(compile_value):
+        raw = tiny_config(root / "images" / "train", root / "tokenizer", train={"compile": compile_value})
+        return parse(TrainConfig, dict(raw, output_dir=str(tmp_path / "run")), "config")
+
+    start_run(config(False), 4)
+    switched = plan_resume(config({"mode": "default"}))
+    assert switched.step == 4 and not switched.forced and len(switched.warnings) == 1
+    assert "train.compile False -> {'mode': 'default'}: the towers now run compiled from step 4" in \
+        switched.warnings[0] and "not bit-equal" in switched.warnings[0]
+    assert plan_resume(config(False)).warnings == []
+
+
 # -- the compiled step (slow: one compile for the module)
 
 @pytest.fixture(scope="module")

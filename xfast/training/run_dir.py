@@ -13,8 +13,8 @@ names its newest checkpoint. Before a process group, model or data loader exists
 - the checkpoint is already at train.steps: the run is complete; fewer steps than the
   checkpoint: refused.
 
-Only the keys in NEUTRAL may differ silently: where and how often the run logs, saves and
-evaluates, and whether the towers are compiled. Reads JSON and folder names only (no torch).
+Only the keys in NEUTRAL may differ: where and how often the run logs, saves and evaluates
+(silently), and whether the towers are compiled (with a warning: not bit-equal). Reads JSON and folder names only (no torch).
 """
 from __future__ import annotations
 
@@ -142,6 +142,12 @@ def plan_resume(cfg) -> ResumePlan | None:
                              f"{', '.join(plan.forced)} differ from its config.json")
     t = cfg.train
     saved_train = saved.get("train", {})
+    was_compiled = saved_train.get("compile", False) is not False
+    if was_compiled != (t.compile is not False):
+        plan.warnings.append(
+            f"train.compile {saved_train.get('compile', False)!r} -> {t.compile!r}: the towers now run "
+            f"{'compiled' if t.compile is not False else 'eager'} from step {step} on. Allowed (same weights and "
+            f"data), but float32 rounding differs, so the run is not bit-equal to one that never switched.")
     if step > t.steps:
         raise ConfigError(f"train.steps: {t.steps}, but {output} holds a checkpoint at step {step}: a run cannot be "
                           f"shortened; use another output_dir (or train.steps >= {step})")
