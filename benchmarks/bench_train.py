@@ -13,7 +13,7 @@ of wall time spent waiting for the next batch) is comparable. Each result also h
 the CPU of the training process (step_cpu_ms, of it in the kernel: step_sys_ms) and of its
 loader workers (loader_cpu_ms), and their minor page faults (step_faults, loader_faults): with 1
 loader worker at the tiny sizes the worker is about as busy as the step, so wall time follows
-whichever is slower. The xfast methods run with xfast's process settings, as the Trainer
+whichever is slower. The xfast methods run with xfast's process settings, as `xfast train`
 (xfast.training.process: keep_freed_memory, and freeze_objects_before_fork before the loader
 forks); the baselines with glibc's and Python's defaults unless --malloc all (--malloc none:
 the defaults everywhere).
@@ -375,7 +375,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
         rank_batch, micro_batches = rank_batch * micro_batches, 1
     source = _loader(size, rank_batch, root, tokenizer, rank=rank, world=world)
     if settings:
-        freeze_objects_before_fork()  # as the Trainer once everything is built
+        freeze_objects_before_fork()  # as xfast.train's entry point once everything is built
     batches = iter(source)
 
     def next_batch():  # endless: the loader starts its next epoch when one ends

@@ -105,8 +105,8 @@ class OptimConfig:
                 "checks, normalisation, loss and evaluation stay eager): false, true, or {\"mode\": "
                 + " | ".join(COMPILE_MODES) + ", \"dynamic\": null | true | false, \"backend\": inductor | "
                 "aot_eager | eager}. Compiling takes about 1-2 min per process on 2 CPU cores (cached in "
-                "TORCHINDUCTOR_CACHE_DIR for later runs) and saves about 5 ms per step at the tiny sizes; "
-                "not with zero_stage 3"})
+                "TORCHINDUCTOR_CACHE_DIR for later runs); what it saves: README, Training throughput. "
+                "Not with zero_stage 3; a resume may switch it (with a warning; not bit-equal)"})
 
     def validate(self, path: str) -> None:
         if self.steps < 1:
