@@ -360,10 +360,11 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     torch.set_num_threads(threads)
     size = SIZES[size_name]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    compiled = method == "transformers_compiled"
     if method in ("transformers", "transformers_compiled"):
+        compiled = method == "transformers_compiled"
         tokenizer, step, parameters = _transformers_step_fn(size, root / "tokenizer", adamw_kernel, compiled)
     elif method == "open_clip_2ranks":
+        compiled = False
         tokenizer, step, parameters = _open_clip_step_fn(size, root / "tokenizer", adamw_kernel)
     else:
         compile_with = compile_options(size, compile_flag)
@@ -569,7 +570,8 @@ HEADER = ("Training throughput on CPU: 1 thread per process unless the command s
           "xfast methods only (unless the command says --malloc); the baselines' AdamW is torch's default (unless the "
           "command says --baseline-adamw fused), xfast's the fused kernel. vs transformers: the median "
           "over rounds of each round's ratio (every round runs each method once; balanced order since 2026-11-29 11:39, rotating before), then "
-          "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank)")
+          "best round / best round. DeepSpeed ms/step: the paired figure of the table below (1 rank). --compile "
+          "compiles xfast's towers only; the transformers loop stays eager (transformers_compiled is it compiled)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
                  "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:39, rotating before); "
                  "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]")
