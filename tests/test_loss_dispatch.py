@@ -137,11 +137,25 @@ def test_both_paths_refuse_a_bias_that_overflows_the_compute_dtype(backend):
 
 def test_dense_needs_a_local_batch():
     with pytest.raises(ValueError, match="backend 'dense' computes a local batch only"):
-        check_available("dense", torch.device("cpu"), group=object())
+        check_available("dense", torch.device("cpu"), group=object(), cells=4)
 
 
 def test_dense_refuses_a_gpu_device():
     # No GPU here: the check needs only the device, and refuses before any tensor reaches it.
     with pytest.raises(ValueError, match="backend 'dense' runs on CPU only .* on cuda:0 use 'auto' or 'triton'"):
-        check_available("dense", torch.device("cuda", 0), group=None)
-    check_available("dense", torch.device("cpu"), group=None)
+        check_available("dense", torch.device("cuda", 0), group=None, cells=4)
+    check_available("dense", torch.device("cpu"), group=None, cells=4)
+
+
+def test_auto_needs_the_cpu_kernel_only_where_it_runs_it(monkeypatch):
+    # A batch that runs dense must not need the C++ extension (which may fail to build).
+    def unavailable(device):
+        return "the C++ extension did not build"
+    monkeypatch.setattr(cpu_similarity_lse, "unavailable_reason", unavailable)
+    cpu = torch.device("cpu")
+    check_available("auto", cpu, None, DENSE_MAX_CELLS)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    xfast.clip_loss(x, y, torch.tensor(2.0, dtype=torch.float64))
+    xfast.simcse_loss(x, y, hard_negatives=torch.randn(8, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: the C\\+\\+ extension did not build"):
+        check_available("auto", cpu, None, DENSE_MAX_CELLS + 1)

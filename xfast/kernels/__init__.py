@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from xfast.backends import KERNEL_MODULES, fused_backend
+from xfast.backends import KERNEL_MODULES, fused_backend, local_backend
 
 
 def kernel_for(backend: str, device: torch.device):
@@ -39,11 +39,13 @@ def kernel_for(backend: str, device: torch.device):
     return module
 
 
-def check_available(backend: str, device: torch.device, group) -> None:
-    """Raise now (inside a loss's input checks) if `backend` cannot run this call: a fused backend
-    must be available on `device` (kernel_for's error), "dense" runs on CPU without a process group
-    only. "auto" on CPU needs the C++ extension even for a batch small enough to run dense: the
-    size is not known here, and a build failure is reported, not hidden."""
+def check_available(backend: str, device: torch.device, group, cells: int) -> None:
+    """Raise now (inside a loss's input checks) if `backend` cannot run this call of `cells` = N x M
+    logits: a fused backend must be available on `device` (kernel_for's error), "dense" runs on CPU
+    without a process group only. "auto" needs the fused kernel only where it will run it (a local
+    call small enough for dense on CPU does not load or build the C++ extension)."""
+    if backend == "auto" and group is None and local_backend(backend, device, cells) == "dense":
+        return
     if backend == "dense":
         if torch.device(device).type != "cpu":
             # Its checks read the scale on the host: a device sync on every call.

@@ -32,7 +32,7 @@ def clip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale, *, label_smoothing:
         check_embeddings(("x", "y"), (x, y))
         scale = check_positive_scalar("logit_scale", logit_scale, x.device)
         eps = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        check_available(backend, x.device, group)
+        check_available(backend, x.device, group, x.shape[0] * y.shape[0])
         return (scale, eps), local_shape(x.shape[0], y.shape[0], x, x, y, logit_scale)
 
     batch, (logit_scale, eps) = open_batch(

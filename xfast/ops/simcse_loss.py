@@ -33,7 +33,7 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
         weight = check_float("hard_negative_weight", hard_negative_weight)
         if weight and hard_negatives is None:
             raise ValueError("hard_negative_weight is set but no hard_negatives were given")
-        check_available(backend, z1.device, group)
+        check_available(backend, z1.device, group, z1.shape[0] * z1.shape[0] * len(columns))
         return (tau, weight), local_shape(z1.shape[0], z1.shape[0] * len(columns), z1, z1, *columns, temperature)
 
     batch, (temperature, weight) = open_batch(
