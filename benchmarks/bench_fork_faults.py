@@ -51,15 +51,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, freeze: bool) -
     source = bench_train._loader(size, size["batch"], root, tokenizer, rank=0, world=1)
     if freeze:
         freeze_objects_before_fork()
-    batches = iter(source)
-
-    def next_batch():
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(source)
-            return next(batches)
+    next_batch = bench_train.endless(source)
 
     collections: list[list] = []
     started = [0.0]

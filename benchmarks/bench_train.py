@@ -126,6 +126,21 @@ def compile_options(size: dict, compile_flag: str):
     return CompileOptions() if compile_flag == "on" else None
 
 
+def endless(source):
+    """A next_batch() that never runs out: the loader starts its next epoch when one ends (the
+    first epoch's iterator, and so the workers' fork, is created now)."""
+    batches = iter(source)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(source)
+            return next(batches)
+    return next_batch
+
+
 def _loader(size: dict, batch_size: int, root: Path, tokenizer, *, rank: int, world: int):
     from xfast.config import parse
     from xfast.data import DataConfig, build_loader
@@ -377,16 +392,7 @@ def worker(size_name: str, method: str, steps: int, warmup: int, root: Path, ds_
     source = _loader(size, rank_batch, root, tokenizer, rank=rank, world=world)
     if settings:
         freeze_objects_before_fork()  # as xfast.train's entry point once everything is built
-    batches = iter(source)
-
-    def next_batch():  # endless: the loader starts its next epoch when one ends
-        nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:
-            batches = iter(source)
-            return next(batches)
-
+    next_batch = endless(source)
     for _ in range(warmup):
         float(step([next_batch() for _ in range(micro_batches)]))
     wait = 0.0
