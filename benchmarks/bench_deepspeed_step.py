@@ -1,10 +1,13 @@
 """Where DeepSpeed's fixed cost per optimizer step goes, at the tiny sizes (no profiler).
 
-One process per rank holds plain-torch (xfast_torch), ZeRO-0 and ZeRO-2 copies of one model (as
+One process per rank holds plain-torch (xfast_torch), ZeRO-0, ZeRO-2 and ZeRO-2 without xfast's
+fast path (xfast.training.zero_fastpath; "ZeRO-2 DeepSpeed's own") copies of one model (as
 bench_train's paired measurement) and runs one step of each per round on the same in-memory
 batch, in a balanced order (benchmarks/rounds.py; rounds rounded up to whole orders). Each step is timed in three parts: forward + loss, engine.backward,
 engine.step; the table gives each part's median difference to the torch step of the same round
-(with a distribution-free 95% interval). Inside the ZeRO-2 engine, timers around its optimizer's
+(with a distribution-free 95% interval), and the fast path's saving is the paired difference of the
+two ZeRO-2 engines. With --compile on every copy's towers are compiled (as train.compile). Inside
+the ZeRO-2 engines, timers around its optimizer's
 per-step methods (instance attributes of this process's engine: measurement only) say which
 DeepSpeed code the difference is spent in; nested methods overlap (reduce_ipg_grads runs inside
 independent_gradient_partition_epilogue), and each timer costs about a microsecond per call.
@@ -15,6 +18,7 @@ difference to the torch step is reported next to xfast's config's.
 
     python benchmarks/bench_deepspeed_step.py                       # tiny_clip, 1 and 2 ranks
     python benchmarks/bench_deepspeed_step.py --sizes tiny_clap --ranks 1 --rounds 60 --save
+    python benchmarks/bench_deepspeed_step.py --sizes tiny_clap --compile on --save deepspeed_step_fastpath
     python benchmarks/bench_deepspeed_step.py --variant overlap='{"zero_optimization": {"overlap_comm": true}}'
 """
 from __future__ import annotations
@@ -34,7 +38,9 @@ import bench_train  # noqa: E402
 from rounds import balanced_rounds, median_interval, round_order  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = (("torch", "xfast_torch"), ("zero0", "xfast_zero0"), ("zero2", "xfast"))
+ENGINES = (("torch", "xfast_torch", True), ("zero0", "xfast_zero0", True), ("zero2", "xfast", True),
+           ("zero2_ds", "xfast", False))  # (name, bench_train method, fast path)
+LABELS = {"zero0": "ZeRO-0", "zero2": "ZeRO-2", "zero2_ds": "ZeRO-2 DeepSpeed's own"}
 PARTS = ("forward_loss", "backward", "step")
 # DeepSpeed 0.19 ZeRO-1/2 optimizer methods that run every step (deepspeed/runtime/zero/stage_1_and_2.py)
 ZERO2_METHODS = ("process_gradients", "update_hook_state_and_maybe_run_epilogue",
@@ -49,7 +55,7 @@ def _interval(diffs: list[float]) -> dict:
     return {"median": median, "ci95": ci95, "rounds": diffs}
 
 
-def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) -> dict | None:
+def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict], compile_flag: str) -> dict | None:
     """Runs in the subprocess (one per rank)."""
     import deepspeed.runtime.zero.stage_1_and_2 as zero12
     import torch
@@ -70,17 +76,27 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
     model = bench_train._xfast_model(size, root / "tokenizer")
     objective = Objective(parse(ObjectiveConfig, {}, "objective"))
     plan = objective.plan(0)
+    compile_with = bench_train.compile_options(size, compile_flag)
     engines = {}
-    for name, method in ENGINES:
-        task = ContrastiveTask(copy.deepcopy(model), objective)
-        engines[name] = task, bench_train._xfast_engine(task, size, method, world, {})
+
+    def copy_of_model():
+        towers = copy.deepcopy(model)
+        if compile_with is not None:
+            towers.compile_towers(mode=compile_with.mode, dynamic=compile_with.dynamic, backend=compile_with.backend)
+        return ContrastiveTask(towers, objective)
+
+    for name, method, fast_path in ENGINES:
+        task = copy_of_model()
+        engines[name] = task, bench_train._xfast_engine(task, size, method, world, {}, fast_path=fast_path)
     for label, extra in variants.items():
-        task = ContrastiveTask(copy.deepcopy(model), objective)
+        task = copy_of_model()
         engines[f"zero2 {label}"] = task, bench_train._xfast_engine(task, size, "xfast", world, extra)
-    spent: dict[str, float] = {}
+    timed_engines = ("zero2", "zero2_ds")
+    spent: dict[str, dict[str, float]] = {name: {} for name in timed_engines}
+    running = [""]  # the engine stepping now: the module functions' time goes to it
 
     def timed(owner, attr: str) -> None:
-        inner = getattr(owner, attr)
+        inner = getattr(owner, attr)  # the fast path's replacement where it has one
 
         @functools.wraps(inner)
         def wrapper(*args, **kwargs):
@@ -88,12 +104,14 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
             try:
                 return inner(*args, **kwargs)
             finally:
-                spent[attr] = spent.get(attr, 0.0) + time.perf_counter() - start
+                if running[0] in spent:
+                    spent[running[0]][attr] = spent[running[0]].get(attr, 0.0) + time.perf_counter() - start
         setattr(owner, attr, wrapper)
 
-    for attr in ZERO2_METHODS:
-        timed(engines["zero2"][1].optimizer, attr)
-    for attr in ZERO2_FUNCTIONS:  # looked up in the module at each call; no other engine here calls them
+    for name in timed_engines:
+        for attr in ZERO2_METHODS:
+            timed(engines[name][1].optimizer, attr)
+    for attr in ZERO2_FUNCTIONS:  # looked up in the module at each call
         timed(zero12, attr)
     source = bench_train._loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
     stream = iter(source)
@@ -104,6 +122,7 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
 
     def step(name: str, batch) -> tuple[float, float, float]:
         task, engine = engines[name]
+        running[0] = name
         t0 = time.perf_counter()
         features, shared = engine({"pairs": batch, "plan": plan})
         loss, _ = task.loss(features, shared, plan, group=group)
@@ -119,7 +138,8 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
     for i in range(warmup):
         for name in names:
             step(name, batches[i % len(batches)])
-    spent.clear()
+    for methods in spent.values():
+        methods.clear()
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     rounds = balanced_rounds(rounds, len(names))
     for i in range(rounds):
@@ -127,53 +147,63 @@ def worker(size_name: str, rounds: int, warmup: int, variants: dict[str, dict]) 
             times[name].append(step(name, batches[i % len(batches)]))
     if rank != 0:
         return None
-    result = {"size": size_name, "ranks": world, "rounds": rounds,
+    result = {"size": size_name, "ranks": world, "rounds": rounds, "compiled": compile_with is not None,
               "parameter_tensors": sum(1 for _ in model.parameters()),
               "parameter_elements": sum(p.numel() for p in model.parameters()),
               "ms": {name: {part: 1e3 * statistics.median(t[k] for t in times[name]) for k, part in enumerate(PARTS)}
                      | {"total": 1e3 * statistics.median(sum(t) for t in times[name])} for name in names},
-              "zero2_methods_ms_per_step": {k: 1e3 * v / rounds for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}}
+              **{f"{name}_methods_ms_per_step": {k: 1e3 * v / rounds for k, v in sorted(spent[name].items(),
+                                                                                      key=lambda kv: -kv[1])}
+                 for name in timed_engines}}
     result["variants"] = {label: {"extra": extra, "total_minus_torch_ms": _interval(
         [1e3 * (sum(a) - sum(b)) for a, b in zip(times[f"zero2 {label}"], times["torch"])])}
         for label, extra in variants.items()}
-    for name in ("zero0", "zero2"):
-        result[f"{name}_minus_torch_ms"] = {
-            part: _interval([1e3 * (a[k] - b[k]) for a, b in zip(times[name], times["torch"])])
+    for name, reference in (("zero0", "torch"), ("zero2", "torch"), ("zero2_ds", "torch"), ("zero2", "zero2_ds")):
+        result[f"{name}_minus_{reference}_ms"] = {
+            part: _interval([1e3 * (a[k] - b[k]) for a, b in zip(times[name], times[reference])])
             for k, part in enumerate(PARTS)} | {
-            "total": _interval([1e3 * (sum(a) - sum(b)) for a, b in zip(times[name], times["torch"])])}
+            "total": _interval([1e3 * (sum(a) - sum(b)) for a, b in zip(times[name], times[reference])])}
     return result
 
 
-def run(size_name: str, ranks: int, rounds: int, warmup: int, variants: dict[str, dict]) -> dict:
+def run(size_name: str, ranks: int, rounds: int, warmup: int, variants: dict[str, dict], compile_flag: str) -> dict:
     return bench_train.run_ranks(["--worker", size_name, "--rounds", str(rounds), "--warmup", str(warmup),
+                                  "--compile", compile_flag,
                                   *(f"--variant={label}={json.dumps(extra)}" for label, extra in variants.items())],
                                  ranks, f"{size_name} on {ranks} ranks", script=__file__)
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| size | ranks | torch step ms | engine | forward + loss | backward | step | total |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | ranks | compiled | torch step ms | engine | forward + loss | backward | step | total |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for name in ("zero0", "zero2"):
+        for name, reference in (("zero0", "torch"), ("zero2", "torch"), ("zero2_ds", "torch"), ("zero2", "zero2_ds")):
+            key = f"{name}_minus_{reference}_ms"
+            if key not in r:  # a result saved before the fast path
+                continue
             cells = [f"{d['median']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-                     for d in (r[f"{name}_minus_torch_ms"][part] for part in (*PARTS, "total"))]
-            lines.append(f"| {r['size']} | {r['ranks']} | {r['ms']['torch']['total']:.1f} | "
-                         f"{'ZeRO-0' if name == 'zero0' else 'ZeRO-2'} - torch | " + " | ".join(cells) + " |")
+                     for d in (r[key][part] for part in (*PARTS, "total"))]
+            lines.append(f"| {r['size']} | {r['ranks']} | {'yes' if r.get('compiled') else 'no'} | "
+                         f"{r['ms']['torch']['total']:.1f} | {LABELS[name]} - {LABELS.get(reference, reference)} | "
+                         + " | ".join(cells) + " |")
     for r in results:
         for label, v in r.get("variants", {}).items():
             d = v["total_minus_torch_ms"]
-            lines.append(f"| {r['size']} | {r['ranks']} | {r['ms']['torch']['total']:.1f} | ZeRO-2 {label} - torch "
-                         f"| | | | "
+            lines.append(f"| {r['size']} | {r['ranks']} | {'yes' if r.get('compiled') else 'no'} | "
+                         f"{r['ms']['torch']['total']:.1f} | ZeRO-2 {label} - torch | | | | "
                          f"{d['median']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
     labels = {label: v["extra"] for r in results for label, v in r.get("variants", {}).items()}
     lines += [""] + [f"- ZeRO-2 {label}: xfast's config + `{json.dumps(extra)}`" for label, extra in labels.items()]
-    lines += ["", "ZeRO-2 optimizer methods, ms per step (nested ones overlap):", "",
-              "| size | ranks | " + " | ".join(f"`{k}`" for k in results[0]["zero2_methods_ms_per_step"]) + " |",
-              "|---|---|" + "---|" * len(results[0]["zero2_methods_ms_per_step"])]
+    keys = results[0].get("zero2_ds_methods_ms_per_step", results[0]["zero2_methods_ms_per_step"])
+    lines += ["", "ZeRO-2 optimizer methods, ms per step (nested ones overlap; fast path = xfast's replacement "
+              "where it has one, else DeepSpeed's method):", "",
+              "| size | ranks | engine | " + " | ".join(f"`{k}`" for k in keys) + " |",
+              "|---|---|---|" + "---|" * len(keys)]
     for r in results:
-        keys = results[0]["zero2_methods_ms_per_step"]
-        lines.append(f"| {r['size']} | {r['ranks']} | "
-                     + " | ".join(f"{r['zero2_methods_ms_per_step'].get(k, 0.0):.2f}" for k in keys) + " |")
+        for name, label in (("zero2_ds", "DeepSpeed's own"), ("zero2", "fast path")):
+            if f"{name}_methods_ms_per_step" in r:
+                lines.append(f"| {r['size']} | {r['ranks']} | {label} | "
+                             + " | ".join(f"{r[f'{name}_methods_ms_per_step'].get(k, 0.0):.2f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -187,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
                         help="a further ZeRO-2 engine with these DeepSpeed config keys over xfast's (repeatable), "
                              "e.g. overlap='{\"zero_optimization\": {\"overlap_comm\": true}}'")
-    parser.add_argument("--save", action="store_true", help="write benchmarks/results/deepspeed_step.{json,md}")
+    parser.add_argument("--compile", choices=("config", "on", "off"), default="config",
+                        help="compile every copy's towers: on, off, or (config, default) as the size's demo config")
+    parser.add_argument("--save", nargs="?", const="deepspeed_step", metavar="NAME",
+                        help="write benchmarks/results/NAME.{json,md} (default NAME: deepspeed_step)")
     parser.add_argument("--worker", metavar="SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 2 or any(r < 1 for r in args.ranks):
@@ -202,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not label or not isinstance(variants[label], dict):
             parser.error(f"--variant {text!r}: not LABEL=JSON with a JSON object")
     if args.worker:
-        result = worker(args.worker, args.rounds, args.warmup, variants)
+        result = worker(args.worker, args.rounds, args.warmup, variants, args.compile)
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -211,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_name in args.sizes:
         for ranks in args.ranks:
             load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-            result = run(size_name, ranks, args.rounds, args.warmup, variants)
+            result = run(size_name, ranks, args.rounds, args.warmup, variants, args.compile)
             result.update(load_at_start=load, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             results.append(result)
             print(table([result]), flush=True)
@@ -219,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "deepspeed_step.json").write_text(json.dumps({"command": command, "machine": bench_train.machine(),
-                                                                  "results": results}, indent=1) + "\n")
-        (RESULTS / "deepspeed_step.md").write_text(text)
+        (RESULTS / f"{args.save}.json").write_text(json.dumps({"command": command, "machine": bench_train.machine(),
+                                                                "results": results}, indent=1) + "\n")
+        (RESULTS / f"{args.save}.md").write_text(text)
     return 0
 
 

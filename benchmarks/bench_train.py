@@ -207,9 +207,10 @@ def _average_over_ranks(grads: list) -> None:
         g.copy_(average.view_as(g))
 
 
-def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
+def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict, fast_path: bool = True):
     """`task` in the engine of `method`: DeepSpeed ZeRO-2 (xfast), ZeRO-0 (xfast_zero0) or plain
-    torch (xfast_torch), with the same AdamW (xfast.training.engine.adamw: fused on CPU) in all three."""
+    torch (xfast_torch), with the same AdamW (xfast.training.engine.adamw: fused on CPU) in all three;
+    fast_path: xfast's ZeRO fast path (deepspeed.fast_path)."""
     from xfast.training.engine import adamw, build_engine, deepspeed_config
     optim = dict(lr=1e-3, weight_decay=0.1)
     if method == "xfast_torch":
@@ -217,7 +218,8 @@ def _xfast_engine(task, size: dict, method: str, world: int, ds_extra: dict):
     return build_engine(task, ds_config=deepspeed_config(
         micro_batch_size=size["batch"] // world, accumulation_steps=size["micro_batches"], world_size=world,
         zero_stage=0 if method == "xfast_zero0" else 2, precision="fp32", gradient_clipping=1.0, extra=ds_extra),
-        betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0, **optim)
+        betas=(0.9, 0.98), eps=1e-6, tower_lr={}, warmup_steps=0, total_steps=1000, min_lr_ratio=0.0,
+        fast_path=fast_path, **optim)
 
 
 def _xfast_step(model, size: dict, method: str, world: int, ds_extra: dict, compile_with=None):

@@ -70,14 +70,15 @@ def _objective(features, shared, group=None):
 
 def _train(rank: int, world: int, stage: int, deepspeeds_own: bool, accumulation: int) -> dict[str, torch.Tensor]:
     """Three optimizer steps of the same model on the same data, in the engine the trainer builds
-    (or with DeepSpeed's own settings and clipping); the weights after them."""
+    (or with DeepSpeed's own settings, clipping and ZeRO methods); the weights after them."""
     torch.manual_seed(0)
     model = Towers()
     config = deepspeed_config(micro_batch_size=6, accumulation_steps=accumulation, world_size=world, zero_stage=stage,
                               precision="fp32", gradient_clipping=0.05,  # small: the clipping acts on every step
                               extra={"zero_optimization": DEEPSPEED_OWN} if deepspeeds_own and stage == 2 else {})
     engine = build_engine(model, ds_config=config, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
-                          tower_lr={}, warmup_steps=1, total_steps=10, min_lr_ratio=0.0)
+                          tower_lr={}, warmup_steps=1, total_steps=10, min_lr_ratio=0.0,
+                          fast_path=not deepspeeds_own)  # DeepSpeed's own methods (tests/test_zero_fastpath.py)
     if deepspeeds_own and stage == 0:
         del engine.clip_fp32_gradients  # back to DeepSpeed's method
     torch.manual_seed(1 + rank)

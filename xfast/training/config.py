@@ -161,6 +161,11 @@ class DeepSpeedSection:
     gradient_clipping: float = field(default=1.0, metadata={"help": "max global gradient norm (0: off)"})
     accumulation_steps: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step; their features form ONE contrastive batch (GradCache)"})
+    fast_path: bool = field(default=True, metadata={
+        "help": "at ZeRO-1/2, replace four of DeepSpeed's per-step optimizer methods (gradient norm, weight "
+                "re-pointing, the one-rank gradient all-reduce, the per-parameter backward hook) with the same "
+                "arithmetic and less Python; "
+                "only on the tested DeepSpeed version and without offload/MoE/model parallelism (README)"})
     extra: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "further DeepSpeed config keys, merged as given (e.g. {\"zero_optimization\": "
                 "{\"overlap_comm\": true}}); batch, precision, optimizer and scheduler keys are derived; "

@@ -6,12 +6,14 @@ The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer: DeepSp
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import nn
 
 from xfast.config import ConfigError
 from xfast.distributed.rendezvous import free_port
+from xfast.training import zero_fastpath
 from xfast.training.deepspeed_muon import import_muon
 from xfast.training.run_dir import lr_factor
 
@@ -218,11 +220,13 @@ def fused_adamw_supports(param: torch.Tensor, device_type: str | None = None) ->
 
 def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
                  betas: tuple[float, float], eps: float, tower_lr: dict[str, float],
-                 warmup_steps: int, total_steps: int, min_lr_ratio: float):
+                 warmup_steps: int, total_steps: int, min_lr_ratio: float, fast_path: bool = True):
     """deepspeed.initialize around `module` with torch AdamW and a warmup+cosine LambdaLR.
 
     DeepSpeed steps the scheduler once per optimizer step (at the accumulation boundary) and
-    saves/loads its state with the checkpoint.
+    saves/loads its state with the checkpoint. fast_path: at ZeRO-1/2, xfast.training.zero_fastpath
+    replaces some of DeepSpeed's per-step optimizer methods with the same arithmetic in fewer tensor
+    ops (rank 0 prints which, once).
     """
     import deepspeed
 
@@ -239,6 +243,11 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
             # them, even alone; with one rank there is nothing to average.
             engine.enable_backward_allreduce = False
         engine.clip_fp32_gradients = lambda: clip_like_deepspeed(engine.module.parameters(), engine.gradient_clipping())
+    elif ds_config["zero_optimization"]["stage"] in (1, 2) and fast_path:
+        replaced, why = zero_fastpath.install(engine.optimizer)
+        if torch.distributed.get_rank() == 0:
+            print(f"xfast train: ZeRO fast path: {', '.join(replaced) or 'nothing'} replaced"
+                  f"{f' ({why})' if why else ''}; deepspeed.fast_path false turns it off", file=sys.stderr, flush=True)
     return engine
 
 
@@ -273,4 +282,4 @@ def engine_from_config(module: nn.Module, *, deepspeed_section, optim, micro_bat
             device_type=comm_device().type),
         lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps,
         tower_lr={f"model.{k}": v for k, v in optim.tower_lr.items()}, warmup_steps=optim.warmup,
-        total_steps=optim.steps, min_lr_ratio=optim.min_lr_ratio)
+        total_steps=optim.steps, min_lr_ratio=optim.min_lr_ratio, fast_path=deepspeed_section.fast_path)
