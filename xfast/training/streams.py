@@ -49,6 +49,11 @@ class EndlessStream:
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict(), "finished_skips": dict(self.finished_skips)}
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (a later next() starts them again)."""
+        self._iterator = None
+        self.loader.close()
+
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
         self.finished_skips = {**empty_counts(), **state["finished_skips"]}
@@ -93,6 +98,10 @@ class Streams:
 
     def state_dict(self) -> dict:
         return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.streams) - set(state)

@@ -16,9 +16,11 @@ whole_batch_step turns them into one contrastive loss over the whole global batc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,16 @@ class StepResult:
 
 
 class Trainer:
-    """Trainer(cfg).train() runs (or resumes) the whole run; train_step() runs one optimizer step."""
+    """Trainer(cfg).train() runs (or resumes) the whole run; train_step() runs one optimizer step.
+
+    A process that builds several Trainers (a sweep, a notebook, tests) releases each one with
+    close(), or builds it in a `with Trainer(cfg) as trainer:` block: DeepSpeed's gradient hooks
+    and its name tables keep the engine, the optimizer state and the model alive after the last
+    reference to them is dropped (module globals and hooks held by torch's C++ autograd nodes,
+    which Python's garbage collector cannot see through). close() removes them (engine.destroy()),
+    stops the loaders' worker processes and closes the log writers; the engine, model and
+    optimizer state are then freed with the last reference the caller keeps. A Trainer dropped
+    without close() does the same when it is freed, so its engine must not be used after that."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -86,6 +97,11 @@ class Trainer:
         self.task = ContrastiveTask(self.model, self.objective)
         self.engine = engine_from_config(self.task, deepspeed_section=cfg.deepspeed, optim=cfg.train,
                                          micro_batch_size=cfg.data.batch_size, world_size=self.world)
+        # Runs at close() or when the Trainer is freed (also if the rest of __init__ fails), once.
+        # It holds the parts, not the Trainer; closers gets the loaders' and logger's as they are made.
+        closers = []
+        self._release = weakref.finalize(self, _release, self.engine, closers)
+        self._release.atexit = False  # at interpreter exit there is nothing left to free
         if cfg.deepspeed.zero_stage == 3:
             self.task.register_zero3_external_parameters()
         parameters = self._write_run_info()
@@ -95,6 +111,7 @@ class Trainer:
 
         self.streams = Streams.from_config({"pairs": cfg.data, "sentences": cfg.sentence_data, "nli": cfg.nli_data},
                                            self.model.tokenizer, rank=self.rank, world_size=self.world)
+        closers.append(self.streams.close)
         self.evaluation = PeriodicEvaluation(cfg.eval, cfg.data, zero_stage=cfg.deepspeed.zero_stage,
                                              rank=self.rank)
         # Steps of one plan repeat the same loss calls on batches of fixed size: the losses' checks
@@ -115,14 +132,28 @@ class Trainer:
         self.logger = TrainLogger(self.output, total_steps=cfg.train.steps, start_step=self.step,
                                   enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                   progress_bar=cfg.logging.progress_bar)
+        closers.append(functools.partial(self.logger.close, plot=False))
         if repaired:
             self.logger.write(repaired)
         if state is not None:
             self.logger.write(f"resumed from {self.checkpoints.root / self.checkpoints.latest_tag()} "
                               f"at step {self.step}")
 
+    def close(self) -> None:
+        """Release the engine's hooks, the loaders' workers and the log writers (see the class
+        docstring); the Trainer cannot train after it. Calling it again does nothing."""
+        self._release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def train_step(self) -> StepResult:
         """One optimizer step over deepspeed.accumulation_steps micro-batches per rank."""
+        if not self._release.alive:
+            raise RuntimeError("this Trainer was closed: build a new one to train")
         plan = self.objective.plan(self.step)
         micro = [self.streams.draw(plan.streams) for _ in range(self.cfg.deepspeed.accumulation_steps)]
         with self.repeats.step(plan) if self.repeats else contextlib.nullcontext():
@@ -242,6 +273,16 @@ class Trainer:
             fault_point("export.written", step)
 
         replace_dir(out_dir, write)
+
+
+def _release(engine, closers: list) -> None:
+    """What Trainer.close() releases: the loaders' workers and the log writers (closers), then
+    DeepSpeed's references to the engine: engine.destroy() removes the ZeRO optimizer's gradient
+    hooks (torch's autograd nodes hold them, and through them the optimizer and engine) and
+    clears DeepSpeed's module-level table of the model's module and parameter names."""
+    for close in closers:
+        close()
+    engine.destroy()
 
 
 def _share_cores(loader_workers: int) -> None:

@@ -1,0 +1,115 @@
+"""A Trainer used as a library: close() / `with` / dropping it frees its engine, optimizer state,
+model and loader workers, and a second Trainer in the same process trains exactly as the first.
+
+Each case runs in a fresh interpreter (a Trainer sets process-wide state: the process group,
+torch's threads, deterministic algorithms). Without the release, DeepSpeed keeps the model alive
+from a module global (deepspeed.utils.debug's name tables) and from the ZeRO optimizer's
+gradient hooks, which torch's C++ autograd nodes hold out of the garbage collector's sight.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from xfast.training import demo_data
+
+PROBE = textwrap.dedent("""
+    import gc, json, multiprocessing, sys, weakref
+    import torch
+    from xfast.config import parse
+    from xfast.training.config import TrainConfig
+    from xfast.training.trainer import Trainer
+    from tests.test_train_run import tiny_config
+
+    root, stage, compiled, how = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+
+    def config(name):
+        raw = tiny_config(f"{root}/demo/images/train", f"{root}/demo/tokenizer", deepspeed={"zero_stage": stage},
+                          train={"compile": compiled}, data={"num_workers": 1})
+        return parse(TrainConfig, dict(raw, output_dir=f"{root}/{name}"), "config")
+
+    def steps(trainer):
+        losses = [float(trainer.train_step().loss) for _ in range(3)]
+        weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+        held = [weakref.ref(x) for x in (trainer.engine, trainer.engine.optimizer, trainer.model,
+                                         next(trainer.model.parameters()))]
+        return losses, weights, held
+
+    def run(name):
+        closed_refused = None
+        if how == "with":
+            with Trainer(config(name)) as trainer:
+                losses, weights, held = steps(trainer)
+        else:
+            trainer = Trainer(config(name))
+            losses, weights, held = steps(trainer)
+            if how == "close":
+                trainer.close()
+                trainer.close()  # a second close does nothing
+                try:
+                    trainer.train_step()
+                except RuntimeError as err:
+                    closed_refused = str(err)
+        workers = len(multiprocessing.active_children())  # before the drop: close()/`with` stopped them
+        del trainer
+        gc.collect()
+        return {"losses": losses, "freed": [ref() is None for ref in held], "workers_left": workers,
+                "closed_refused": closed_refused}, weights
+
+    first, weights_a = run("a")
+    second, weights_b = run("b")
+    same = weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    print(json.dumps({"first": first, "second": second, "same_weights": same}))
+""")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    demo_data.generate(root / "demo", train=16, test=4, sentences=4, seed=1)
+    return root
+
+
+def _probe(root: Path, case: str, stage: int, compiled: bool, how: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out_dir = root / case
+    out_dir.mkdir()
+    (out_dir / "demo").symlink_to(root / "demo")
+    result = subprocess.run([sys.executable, "-c", PROBE, str(out_dir), str(stage), str(int(compiled)), how],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _check(result: dict, how: str) -> None:
+    for run in ("first", "second"):
+        # engine, its optimizer, the model and one of its parameters
+        assert result[run]["freed"] == [True] * 4, (run, result[run])
+        if how != "drop":
+            assert result[run]["workers_left"] == 0, (run, result[run])
+    assert result["first"]["losses"] == result["second"]["losses"], result
+    assert result["same_weights"], result
+    if how == "close":
+        assert result["first"]["closed_refused"] == "this Trainer was closed: build a new one to train"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage, how", [(0, "close"), (2, "with"), (2, "drop")])
+def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, stage, how):
+    _check(_probe(demo_root, f"eager{stage}{how}", stage, False, how), how)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, stage):
+    """torch.compile's caches (dynamo's, on the code objects it compiled) hold guards on the
+    towers, not the towers themselves."""
+    _check(_probe(demo_root, f"compiled{stage}", stage, True, "close"), "close")
