@@ -11,6 +11,10 @@ import copy
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,47 +269,100 @@ def test_deepspeed_trains_compiled_towers_as_eager_ones(models, stage):
     moves the weights as the eager engine's does. AdamW with eps 10 (>> |grad|) steps by about
     lr * grad / eps, so the step shows the gradient itself, not just its sign; compiled and eager
     gradients differ by float32 rounding (the test above)."""
-    from xfast.models import Objective, ObjectiveConfig
-    from xfast.training.accumulation import whole_batch_step
-    from xfast.training.engine import build_engine, deepspeed_config, init_distributed
-    from xfast.training.task import ContrastiveTask
+    from xfast.training.engine import init_distributed
     init_distributed()
     eager = models[0]
     micro = _batches(eager, 2)
-    before = {k: v.clone() for k, v in eager.state_dict().items()}
     delta = {}
     for name in ("eager", "compiled"):
         model = copy.deepcopy(eager)
         if name == "compiled":
             model.compile_towers()  # the graphs compiled for `models` serve this copy too
-        objective = Objective(parse(ObjectiveConfig, {}, "objective"))
-        task = ContrastiveTask(model, objective)
-        plan = objective.plan(0)
-        engine = build_engine(task, ds_config=deepspeed_config(
-            micro_batch_size=8, accumulation_steps=2, world_size=1, zero_stage=stage, precision="fp32",
-            gradient_clipping=0.0), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.98), eps=10.0, tower_lr={},
-            warmup_steps=0, total_steps=10, min_lr_ratio=0.0)
-        torch.manual_seed(3)
-        whole_batch_step(engine, [{"pairs": b, "plan": plan} for b in micro],
-                         lambda f, s, group, task=task, plan=plan: task.loss(f, s, plan, group=group))
-        assert engine.global_steps == 1
-        delta[name] = {k: (v.detach().double() - before[k].double()) for k, v in model.state_dict().items()}
-    moved = [k for k, d in delta["compiled"].items() if d.abs().max() > 0]
+        delta[name] = _engine_step(model, micro, stage)
+    _assert_steps_agree(delta["eager"], delta["compiled"], eager, models[1], micro)
+
+
+LR, EPS = 1e-2, 10.0  # AdamW's eps >> |grad|: the step shows the gradient, not just its sign
+
+
+def _engine_step(model, micro, stage: int) -> dict:
+    """The weights' change in one DeepSpeed optimizer step over `micro` (dropout masks from seed 3)."""
+    from xfast.models import Objective, ObjectiveConfig
+    from xfast.training.accumulation import whole_batch_step
+    from xfast.training.engine import build_engine, deepspeed_config
+    from xfast.training.task import ContrastiveTask
+    before = {k: v.detach().double() for k, v in model.state_dict().items()}
+    objective = Objective(parse(ObjectiveConfig, {}, "objective"))
+    task = ContrastiveTask(model, objective)
+    plan = objective.plan(0)
+    engine = build_engine(task, ds_config=deepspeed_config(
+        micro_batch_size=8, accumulation_steps=len(micro), world_size=1, zero_stage=stage, precision="fp32",
+        gradient_clipping=0.0), lr=LR, weight_decay=0.0, betas=(0.9, 0.98), eps=EPS, tower_lr={},
+        warmup_steps=0, total_steps=10, min_lr_ratio=0.0)
+    torch.manual_seed(3)
+    whole_batch_step(engine, [{"pairs": b, "plan": plan} for b in micro],
+                     lambda f, s, group: task.loss(f, s, plan, group=group))
+    assert engine.global_steps == 1
+    return {k: v.detach().double() - before[k] for k, v in model.state_dict().items()}
+
+
+def _assert_steps_agree(eager_delta: dict, compiled_delta: dict, eager, reference, micro) -> None:
+    """AdamW's first step with eps = 10: update = lr * g / (|g| + eps), whose slope in g is at most
+    lr / eps. So compiled and eager steps differ by lr / eps times their gradients' difference,
+    bounded through float64: eager's own block error E plus the compiled bound of the first step
+    test (2 E + 4 ulp S); plus 4 ulps of the step (the update's own float32 arithmetic) and 1 ulp
+    of each of the two float32 weights the step is read back from. `eager` and `reference`: the
+    float32 and float64 models before the step."""
+    before = eager.state_dict()
+    moved = [k for k, d in compiled_delta.items() if d.abs().max() > 0]
     assert len(moved) > len(before) // 2, moved
-    # AdamW's first step with eps = 10: update = lr * g / (|g| + eps), whose slope in g is at most
-    # lr / eps. So compiled and eager steps differ by lr / eps times their gradients' difference,
-    # bounded through float64: eager's own block error E plus the compiled bound of the test above
-    # (2 E + 4 ulp S); plus 4 ulps of the step (the update's own float32 arithmetic) and 1 ulp of
-    # each of the two float32 weights the step is read back from.
-    _, grads64 = _accumulated_step(models[1], micro, seed=3)
+    _, grads64 = _accumulated_step(reference, micro, seed=3)
     _, grads_e = _accumulated_step(copy.deepcopy(eager), micro, seed=3)
     scales = _rounding_scales(grads64, grads_e)
-    lr, eps = 1e-2, 10.0
     for key in before:
         e, s = scales.get(key, (0.0, 0.0))  # buffers: no gradient, no step
-        step = delta["eager"][key].abs().max().item()
-        bound = lr / eps * (3 * e + 4 * ULP * s) + 4 * ULP * step + 2 * ULP * before[key].abs().max().item()
-        assert (delta["compiled"][key] - delta["eager"][key]).abs().max().item() <= bound, (key, e, s)
+        step = eager_delta[key].abs().max().item()
+        bound = LR / EPS * (3 * e + 4 * ULP * s) + 4 * ULP * step + 2 * ULP * before[key].abs().max().item()
+        assert (compiled_delta[key] - eager_delta[key]).abs().max().item() <= bound, (key, e, s)
+
+
+# One DeepSpeed ZeRO-2 step in a fresh interpreter (its RNG, dynamo and inductor state all new):
+# the model of _model, the batches of _batches, compiled or not; writes the weights' change.
+STEP_PROBE = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from tests.test_train_compile import _batches, _engine_step, _model
+    from xfast.training.engine import init_distributed
+    tokenizer, mode, out = sys.argv[1:4]
+    init_distributed()
+    model = _model(Path(tokenizer))
+    if mode == "compiled":
+        model.compile_towers()
+    torch.save(_engine_step(model, _batches(model, 2), stage=2), out)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_eager_and_compiled_processes_draw_the_same_dropout_masks(demo_root, tmp_path):
+    """Eager and compiled steps, each the first thing a fresh process runs (the compile happens
+    inside the step, between the accumulation's two forwards of a micro-batch), from the same
+    seed: the same weights within the rounding bound of the in-process test. Masks drawn
+    differently (inductor's own RNG instead of torch's, or an RNG draw by the compiler) would
+    change the BERT tower's gradients by O(1) of their size."""
+    from tests.test_train_run import clean_env
+    env = dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    delta = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.pt"
+        result = subprocess.run([sys.executable, "-c", STEP_PROBE, str(demo_root / "tokenizer"), mode, str(out)],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        delta[mode] = torch.load(out)
+    eager = _model(demo_root / "tokenizer")
+    assert eager.text.backbone.config.hidden_dropout_prob > 0
+    _assert_steps_agree(delta["eager"], delta["compiled"], eager, copy.deepcopy(eager).double(),
+                        _batches(eager, 2))
 
 
 @pytest.mark.slow
