@@ -18,7 +18,9 @@ from xfast.config import ConfigError
 from xfast.models import hf_configs
 from xfast.models.config import TowerConfig
 from xfast.models.heads import ClsMlp, projection_head
+from xfast.models.patchify import patchify_convs
 from xfast.models.specs import SPECS
+from xfast.models.time_stretch import use_gemm_time_stretch
 
 # type -> (HF config class, HF model class), from the specs ('auto' has none).
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
@@ -75,6 +77,10 @@ def build_backbone(tower: TowerConfig, path: str, *, vocab: dict | None = None,
         model = cls.from_pretrained(tower.pretrained, config=config, **extra)
     else:
         model = cls(config, **extra)
+    # Same parameters and function, cheaper ops (see the modules): patch embeddings and HTSAT's
+    # time stretch as GEMMs.
+    patchify_convs(model)
+    use_gemm_time_stretch(model)
     if tower.gradient_checkpointing:
         if not cls.supports_gradient_checkpointing:  # 'auto' towers; the others are checked with the config
             raise ConfigError(f"{path}.gradient_checkpointing: the HF {cls.__name__} does not support it")
