@@ -9,9 +9,10 @@ xfast is faster) and the median of per-round differences (xfast - loop, ms) with
 distribution-free 95% interval. No loader and no DeepSpeed run during the timed steps, so this is
 the cost of the step itself; run it from two checkouts (PYTHONPATH) alternately to compare them.
 --adamw default gives both torch's default AdamW (xfast's engine otherwise takes the fused kernel
-on CPU; the loop's is torch's default unless --adamw fused).
+on CPU; the loop's is torch's default unless --adamw fused). --compile on compiles xfast's towers
+(as train.compile; in the untimed warmup) and leaves the loop eager.
 
-    python benchmarks/bench_step_inmem.py --size tiny_clip --adamw fused --rounds 60 [--label COMMIT --save]
+    python benchmarks/bench_step_inmem.py --size tiny_clip --adamw fused --rounds 60 [--compile on] [--label COMMIT --save]
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import bench_train  # noqa: E402
 from rounds import median_interval  # noqa: E402
 
 
-def measure(size_name: str, adamw_kind: str, rounds: int) -> dict:
+def build(size_name: str, adamw_kind: str, compiled: bool = False):
+    """({"xfast_torch": step, "transformers": step}, 4 batches), warmed up (compiled first if asked)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import torch
@@ -53,7 +55,8 @@ def measure(size_name: str, adamw_kind: str, rounds: int) -> dict:
     root, _ = demo_data.ensure()
     engine.init_distributed()
     model = bench_train._xfast_model(size, root / "tokenizer")
-    steps = {"xfast_torch": bench_train._xfast_step(copy.deepcopy(model), size, "xfast_torch", 1, {})}
+    compile_with = bench_train.compile_options(size, "on" if compiled else "off")
+    steps = {"xfast_torch": bench_train._xfast_step(copy.deepcopy(model), size, "xfast_torch", 1, {}, compile_with)}
     _, steps["transformers"], _ = bench_train._transformers_step_fn(size, root / "tokenizer", adamw_kind)
     source = bench_train._loader(size, size["batch"], root, model.tokenizer, rank=0, world=1)
     stream = iter(source)
@@ -63,6 +66,11 @@ def measure(size_name: str, adamw_kind: str, rounds: int) -> dict:
     for i in range(5):
         for step in steps.values():
             float(step([batches[i % 4]]))
+    return steps, batches
+
+
+def measure(size_name: str, adamw_kind: str, rounds: int, compiled: bool = False) -> dict:
+    steps, batches = build(size_name, adamw_kind, compiled)
     names = list(steps)
     times: dict[str, list[float]] = {m: [] for m in names}
     for i in range(rounds):
@@ -73,7 +81,7 @@ def measure(size_name: str, adamw_kind: str, rounds: int) -> dict:
     ratios = [b / a for a, b in zip(times["xfast_torch"], times["transformers"])]
     diffs = [1e3 * (a - b) for a, b in zip(times["xfast_torch"], times["transformers"])]
     median, ci95 = median_interval(diffs)
-    return {"size": size_name, "adamw": adamw_kind, "rounds": rounds,
+    return {"size": size_name, "adamw": adamw_kind, "rounds": rounds, "compiled": compiled,
             "xfast_ms": statistics.median(times["xfast_torch"]) * 1e3,
             "transformers_ms": statistics.median(times["transformers"]) * 1e3,
             "speed_ratio": statistics.median(ratios), "diff_ms": median, "diff_ci95": ci95, "round_diffs_ms": diffs}
@@ -85,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", default="fused", choices=["fused", "default"],
                    help="AdamW kernel of both steps: fused (xfast's choice) or torch's default (the plain loop's)")
     p.add_argument("--rounds", type=int, default=60, help="paired rounds (default 60)")
+    p.add_argument("--compile", choices=("on", "off"), default="off",
+                   help="compile xfast's towers as train.compile does (the loop stays eager); compiled in warmup")
     p.add_argument("--label", default="", help="names the checkout measured (e.g. a commit) in the saved row")
     p.add_argument("--save", action="store_true",
                    help="add the result (with every round's difference) to benchmarks/results/step_inmem.json")
     args = p.parse_args(argv)
     load = open("/proc/loadavg").read().split()[0]
-    result = measure(args.size, args.adamw, args.rounds)
+    result = measure(args.size, args.adamw, args.rounds, args.compile == "on")
     result.update(label=args.label, machine=bench_train.machine(), load_at_start=load,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   command="python benchmarks/bench_step_inmem.py " + " ".join(argv if argv is not None else sys.argv[1:]))
