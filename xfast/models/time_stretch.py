@@ -35,11 +35,14 @@ class ClapAudioEncoderGemmStretch(ClapAudioEncoder):
         out_frames = int(self.spec_size * self.freq_ratio)
         if frames >= out_frames or n_mels != self.spec_size // self.freq_ratio or not x.is_floating_point():
             return super().reshape_mel2img(x)  # HF's bounds check, the mel-axis stretch, or no stretch at all
-        m = self._stretch_matrix(frames, out_frames, x.dtype, x.device)
+        # 16-bit inputs are stretched in float32, as torch's bicubic kernels compute (their weights
+        # rounded to 8 bits would add an error as large as the output's own rounding).
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        m = self._stretch_matrix(frames, out_frames, compute, x.device)
         batch = x.shape[0]
         # [B, C, frames, mels] -> [frames, B*C*mels] -> M @ -> [out_frames, B, C, mels] -> [B, C, out_frames, mels]
-        columns = x.permute(2, 0, 1, 3).reshape(frames, -1)
-        stretched = (m @ columns).reshape(out_frames, batch, channels, n_mels).permute(1, 2, 0, 3)
+        columns = x.permute(2, 0, 1, 3).reshape(frames, -1).to(compute)
+        stretched = (m @ columns).to(x.dtype).reshape(out_frames, batch, channels, n_mels).permute(1, 2, 0, 3)
         return super().reshape_mel2img(stretched)  # now only HF's reshape into the image
 
     def _stretch_matrix(self, frames: int, out_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
