@@ -15,9 +15,10 @@
 // k = 0, 1, ..., and so does every column group, so results are bitwise reproducible for a
 // given G (a given thread count). The cells are handed out from one atomic counter in that
 // order, and a cell only waits for the two cells before it in its row group and its column
-// group, (r, k - 1) and (r + 1, k - 1): no barrier between the k's. With G = 4 threads (where
-// the tiles allow) a thread whose core runs slower holds up no one but the one or two cells
-// that follow its own (with G = threads, a wait for both predecessors would be the barrier).
+// group, (r, k - 1) and (r + 1, k - 1): no barrier between the k's. With G = 4 x threads
+// (kGroupsPerThread; fewer, down to G = threads, where the tiles do not allow as many) a thread
+// whose core runs slower holds up no one but the one or two cells that follow its own (with
+// G = threads, a wait for both predecessors would be the barrier).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
