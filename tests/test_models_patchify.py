@@ -75,6 +75,7 @@ def test_a_size_the_kernel_does_not_divide_takes_the_convolution():
 @pytest.mark.parametrize("kwargs, converted", [
     (dict(kernel_size=4, stride=4), True),
     (dict(kernel_size=(2, 4), stride=(2, 4), bias=False), True),
+    (dict(kernel_size=4, stride=4, padding="valid"), True),
     (dict(kernel_size=4, stride=2), False),  # overlapping patches (AST's default)
     (dict(kernel_size=4, stride=4, padding=1), False),
     (dict(kernel_size=4, stride=4, dilation=2), False),
@@ -115,3 +116,13 @@ def test_towers_compute_their_patch_embedding_as_a_gemm_with_the_same_parameters
     with torch.no_grad():
         got, want = model.encode_media({key: x}), plain.encode_media({key: x})
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_off_the_cpu_the_convolution_runs(monkeypatch):
+    # Only measured on CPU: elsewhere (here the meta device, which needs no GPU) cuDNN's or the
+    # device's convolution stays.
+    import xfast.models.patchify as patchify
+    conv = nn.Conv2d(1, 4, 4, stride=4, device="meta")
+    patchify_convs(conv)
+    monkeypatch.setattr(patchify.F, "linear", lambda *a, **k: pytest.fail("the GEMM ran off the CPU"))
+    assert conv(torch.empty(2, 1, 8, 8, device="meta")).shape == (2, 4, 2, 2)

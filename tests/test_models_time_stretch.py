@@ -124,3 +124,25 @@ def test_a_bfloat16_spectrogram_is_stretched_as_accurately_as_torch_does_it():
     assert got.dtype == torch.bfloat16
     ours, torchs = ((t.double() - exact).abs().max() for t in (got, plain.reshape_mel2img(x)))
     assert ours <= 2 * torchs, (ours, torchs)
+
+
+def test_under_cpu_autocast_the_stretch_stays_float32_like_interpolate():
+    plain, fast = _encoder()
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 101, 16)
+    want = fast.reshape_mel2img(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.reshape_mel2img(x)
+        assert plain.reshape_mel2img(x).dtype == torch.float32  # interpolate is not autocast
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_off_the_cpu_and_on_other_transformers_versions_hf_code_runs(monkeypatch):
+    import xfast.models.time_stretch as time_stretch
+    monkeypatch.setattr(time_stretch, "bicubic_matrix", lambda *a, **k: pytest.fail("stretched off the CPU"))
+    plain, fast = _encoder()
+    fast.to("meta")
+    assert fast.reshape_mel2img(torch.empty(2, 1, 101, 16, device="meta")).shape == (2, 1, 64, 64)
+    monkeypatch.setattr(time_stretch, "TESTED_TRANSFORMERS_MAJOR", "4")  # as if transformers were not 5.x
+    assert use_gemm_time_stretch(plain) == 0 and type(plain) is ClapAudioEncoder

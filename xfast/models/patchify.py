@@ -7,7 +7,8 @@ CPU oneDNN's convolution backward is slow at these shapes (1-3 input channels): 
 (32 spectrograms of 64x256, 4x4 patches, 16 channels) it took ~8 ms of a ~50 ms training step,
 where the product's backward is two small GEMMs. PatchConv2d keeps nn.Conv2d's parameters (names,
 shapes, state_dict, checkpoints and HF exports are unchanged) and falls back to the convolution
-for any input the reshape cannot take (a size not divisible by the kernel).
+for any input the reshape cannot take (a size not divisible by the kernel) and off the CPU (only
+measured there). Under CPU autocast both the convolution and the product run in bfloat16.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class PatchConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
-        if x.dim() != 4 or x.shape[2] % kh or x.shape[3] % kw:
+        # CPU only: measured there; on a GPU cuDNN's convolution stays (not measured against the GEMM).
+        if x.device.type != "cpu" or x.dim() != 4 or x.shape[2] % kh or x.shape[3] % kw:
             return super().forward(x)
         b, c, h, w = x.shape
         # [B, C, H/kh, kh, W/kw, kw] -> [B, H/kh, W/kw, C, kh, kw]: one patch per row, in the weight's (C, kh, kw) order
@@ -36,7 +38,7 @@ class PatchConv2d(nn.Conv2d):
 
 def patchifiable(conv: nn.Module) -> bool:
     """Whether `conv` is a plain nn.Conv2d that only cuts non-overlapping patches."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.padding == (0, 0)
+    return (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.padding in ((0, 0), "valid")
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 

@@ -9,13 +9,17 @@ made by interpolating the identity with F.interpolate itself, so its entries are
 bicubic coefficients; the product only sums them in another order. On CPU torch's bicubic
 backward (and inductor's scatter for it) cost ~5 ms of a ~50 ms tiny CLAP training step; the
 product's backward is one small GEMM. The mel-axis stretch (n_mels < spec_size // freq_ratio,
-HF's second interpolate) and a non-float input keep HF's code.
+HF's second interpolate), a non-float input and tensors off the CPU (only measured there) keep
+HF's code. Like interpolate, the product is not autocast (16-bit inputs: weights and sums in float32).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers.models.clap.modeling_clap import ClapAudioEncoder
+
+TESTED_TRANSFORMERS_MAJOR = "5"
 
 
 def bicubic_matrix(frames: int, out_frames: int, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -33,8 +37,9 @@ class ClapAudioEncoderGemmStretch(ClapAudioEncoder):
         x = normalized_input_features
         _, channels, frames, n_mels = x.shape
         out_frames = int(self.spec_size * self.freq_ratio)
-        if frames >= out_frames or n_mels != self.spec_size // self.freq_ratio or not x.is_floating_point():
-            return super().reshape_mel2img(x)  # HF's bounds check, the mel-axis stretch, or no stretch at all
+        if (x.device.type != "cpu" or frames >= out_frames or n_mels != self.spec_size // self.freq_ratio
+                or not x.is_floating_point()):
+            return super().reshape_mel2img(x)  # off the CPU, HF's bounds check, the mel-axis stretch, no stretch
         # 16-bit inputs are stretched in float32, as torch's bicubic kernels compute (their weights
         # rounded to 8 bits would add an error as large as the output's own rounding).
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -42,7 +47,9 @@ class ClapAudioEncoderGemmStretch(ClapAudioEncoder):
         batch = x.shape[0]
         # [B, C, frames, mels] -> [frames, B*C*mels] -> M @ -> [out_frames, B, C, mels] -> [B, C, out_frames, mels]
         columns = x.permute(2, 0, 1, 3).reshape(frames, -1).to(compute)
-        stretched = (m @ columns).to(x.dtype).reshape(out_frames, batch, channels, n_mels).permute(1, 2, 0, 3)
+        with torch.autocast("cpu", enabled=False):  # interpolate is not autocast; neither is its replacement
+            product = m @ columns
+        stretched = product.to(x.dtype).reshape(out_frames, batch, channels, n_mels).permute(1, 2, 0, 3)
         return super().reshape_mel2img(stretched)  # now only HF's reshape into the image
 
     def _stretch_matrix(self, frames: int, out_frames: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -58,7 +65,12 @@ class ClapAudioEncoderGemmStretch(ClapAudioEncoder):
 
 
 def use_gemm_time_stretch(module: torch.nn.Module) -> int:
-    """Every ClapAudioEncoder inside `module` stretches time with one matrix product; returns how many."""
+    """Every ClapAudioEncoder inside `module` stretches time with one matrix product; returns how many.
+    Only on the transformers major version it was written and tested against (its reshape_mel2img
+    must skip the interpolation at full length; tests/test_models_time_stretch.py compares the two
+    paths): elsewhere HF's code runs unchanged."""
+    if transformers.__version__.split(".")[0] != TESTED_TRANSFORMERS_MAJOR:
+        return 0
     count = 0
     for encoder in module.modules():
         if type(encoder) is ClapAudioEncoder:
