@@ -108,8 +108,8 @@ def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(dem
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, stage):
-    """torch.compile's caches (dynamo's, on the code objects it compiled) hold guards on the
-    towers, not the towers themselves."""
-    _check(_probe(demo_root, f"compiled{stage}", stage, True, "close"), "close")
+def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root):
+    """Dynamo's caches (kept on the code objects it compiled) do not keep the towers alive, and the
+    second Trainer's compile gives the same steps. ZeRO-2 only: what the stage changes (the ZeRO
+    optimizer's hooks) is the eager test's; a ZeRO-0 case would add ~20 s and nothing else."""
+    _check(_probe(demo_root, "compiled", 2, True, "close"), "close")
