@@ -8,6 +8,7 @@ gradient hooks, which torch's C++ autograd nodes hold out of the garbage collect
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from xfast.training import demo_data
+from xfast.training.trainer import CLOSED
 
 PROBE = textwrap.dedent("""
     import gc, json, multiprocessing, sys, weakref
@@ -25,7 +27,7 @@ PROBE = textwrap.dedent("""
     from xfast.training.trainer import Trainer
     from tests.test_train_run import tiny_config
 
-    root, stage, compiled, how = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+    root, compiled, cases = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(",")
 
     def config(name):
         raw = tiny_config(f"{root}/demo/images/train", f"{root}/demo/tokenizer", deepspeed={"zero_stage": stage},
@@ -39,8 +41,8 @@ PROBE = textwrap.dedent("""
                                          next(trainer.model.parameters()))]
         return losses, weights, held
 
-    def run(name):
-        closed_refused = None
+    def run(name, how):
+        refused = None
         if how == "with":
             with Trainer(config(name)) as trainer:
                 losses, weights, held = steps(trainer)
@@ -50,20 +52,27 @@ PROBE = textwrap.dedent("""
             if how == "close":
                 trainer.close()
                 trainer.close()  # a second close does nothing
-                try:
-                    trainer.train_step()
-                except RuntimeError as err:
-                    closed_refused = str(err)
+                refused = []
+                for use in (trainer.train_step, trainer.save, trainer.engine.step, lambda: trainer.engine({})):
+                    try:
+                        use()
+                    except RuntimeError as err:
+                        refused.append(str(err))
         workers = len(multiprocessing.active_children())  # before the drop: close()/`with` stopped them
         del trainer
         gc.collect()
         return {"losses": losses, "freed": [ref() is None for ref in held], "workers_left": workers,
-                "closed_refused": closed_refused}, weights
+                "refused": refused}, weights
 
-    first, weights_a = run("a")
-    second, weights_b = run("b")
-    same = weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    print(json.dumps({"first": first, "second": second, "same_weights": same}))
+    results = {}
+    for case in cases:  # one after the other in this process: nothing carries over between them
+        stage, how = case.split(":")
+        stage = int(stage)
+        first, weights_a = run(f"{case}a", how)
+        second, weights_b = run(f"{case}b", how)
+        same = weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+        results[case] = {"first": first, "second": second, "same_weights": same}
+    print(json.dumps(results))
 """)
 
 
@@ -74,15 +83,15 @@ def demo_root(tmp_path_factory):
     return root
 
 
-def _probe(root: Path, case: str, stage: int, compiled: bool, how: str) -> dict:
+def _probe(root: Path, name: str, compiled: bool, cases: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out_dir = root / case
+    out_dir = root / name
     out_dir.mkdir()
     (out_dir / "demo").symlink_to(root / "demo")
-    result = subprocess.run([sys.executable, "-c", PROBE, str(out_dir), str(stage), str(int(compiled)), how],
+    result = subprocess.run([sys.executable, "-c", PROBE, str(out_dir), str(int(compiled)), ",".join(cases)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -96,14 +105,39 @@ def _check(result: dict, how: str) -> None:
             assert result[run]["workers_left"] == 0, (run, result[run])
     assert result["first"]["losses"] == result["second"]["losses"], result
     assert result["same_weights"], result
-    if how == "close":
-        assert result["first"]["closed_refused"] == "this Trainer was closed: build a new one to train"
+    if how == "close":  # train_step, save, and the engine itself (a step without its ZeRO hooks)
+        assert result["first"]["refused"] == [CLOSED, CLOSED, f"DeepSpeed engine: {CLOSED}",
+                                              f"DeepSpeed engine: {CLOSED}"], result["first"]
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage, how", [(0, "close"), (2, "with"), (2, "drop")])
-def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, stage, how):
-    _check(_probe(demo_root, f"eager{stage}{how}", stage, False, how), how)
+def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root):
+    """ZeRO-0 closed, ZeRO-2 in a `with` block, ZeRO-2 dropped: two Trainers each, in one process."""
+    cases = ["0:close", "2:with", "2:drop"]
+    results = _probe(demo_root, "eager", False, cases)
+    for case in cases:
+        _check(results[case], case.split(":")[1])
+
+
+def test_release_frees_the_engine_even_when_a_part_fails_to_close():
+    """A loader or log writer that fails to close must not leave DeepSpeed's hooks in place: the
+    engine is still destroyed (and refuses to run), the other parts closed, the error raised."""
+    from xfast.training.trainer import _release
+    done = []
+
+    class Engine:
+        def destroy(self):
+            done.append("destroy")
+
+    def broken():
+        raise OSError("disk full")
+
+    engine = Engine()
+    with pytest.raises(OSError, match="disk full"):
+        _release(engine, [broken, lambda: done.append("logger")])
+    assert done == ["logger", "destroy"]
+    with pytest.raises(RuntimeError, match=re.escape(f"DeepSpeed engine: {CLOSED}")):
+        engine.step()
 
 
 @pytest.mark.slow
@@ -112,4 +146,4 @@ def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the
     """Dynamo's caches (kept on the code objects it compiled) do not keep the towers alive, and the
     second Trainer's compile gives the same steps. ZeRO-2 only: what the stage changes (the ZeRO
     optimizer's hooks) is the eager test's; a ZeRO-0 case would add ~20 s and nothing else."""
-    _check(_probe(demo_root, "compiled", 2, True, "close"), "close")
+    _check(_probe(demo_root, "compiled", True, ["2:close"])["2:close"], "close")

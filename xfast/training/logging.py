@@ -116,6 +116,7 @@ class TrainLogger:
         self._mark = time.perf_counter()
         self._samples = 0
         self._data_wait = 0.0
+        self._closed = False
 
     def start_window(self) -> None:
         """Measure throughput from now on (e.g. after an evaluation or a resume)."""
@@ -202,7 +203,11 @@ class TrainLogger:
             return None
 
     def close(self, *, plot: bool = True) -> None:
-        """End of training: close the bar and TensorBoard; write training_curves.png (plot=True)."""
+        """End of training: close the bar and TensorBoard; write training_curves.png (plot=True).
+        A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if plot:
             self.plot()
         self.bar.close()

@@ -150,10 +150,13 @@ class Trainer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if not self._release.alive:
+            raise RuntimeError(CLOSED)
+
     def train_step(self) -> StepResult:
         """One optimizer step over deepspeed.accumulation_steps micro-batches per rank."""
-        if not self._release.alive:
-            raise RuntimeError("this Trainer was closed: build a new one to train")
+        self._check_open()
         plan = self.objective.plan(self.step)
         micro = [self.streams.draw(plan.streams) for _ in range(self.cfg.deepspeed.accumulation_steps)]
         with self.repeats.step(plan) if self.repeats else contextlib.nullcontext():
@@ -171,6 +174,7 @@ class Trainer:
     def train(self) -> int:
         """Train to train.steps (from the resumed step), then evaluate, save and export. SIGTERM /
         SIGINT stop at a step boundary all ranks agree on, after a checkpoint of that step."""
+        self._check_open()
         last = self.cfg.train.steps
         if self.evaluation.due_before_training(self.step):
             self.evaluate()
@@ -211,10 +215,12 @@ class Trainer:
         return 0
 
     def save(self) -> None:
+        self._check_open()
         self._stop_if_nonfinite()  # a checkpoint of NaN weights would replace the last good one
         self.checkpoints.save(self.engine, self.step, {"data": self.streams.state_dict()})
 
     def evaluate(self) -> None:
+        self._check_open()
         # Compiled towers run eager here: evaluation batches vary in size and run in eval mode, each a
         # recompile that would cost more than it saves.
         with torch.compiler.set_stance("force_eager"):
@@ -275,14 +281,31 @@ class Trainer:
         replace_dir(out_dir, write)
 
 
+CLOSED = "this Trainer was closed (close(), the end of its `with` block, or dropped): build a new one to train"
+
+
 def _release(engine, closers: list) -> None:
     """What Trainer.close() releases: the loaders' workers and the log writers (closers), then
     DeepSpeed's references to the engine: engine.destroy() removes the ZeRO optimizer's gradient
     hooks (torch's autograd nodes hold them, and through them the optimizer and engine) and
-    clears DeepSpeed's module-level table of the model's module and parameter names."""
+    clears DeepSpeed's module-level table of module and parameter names (every engine's: only
+    DeepSpeed's debug messages use it). The engine then refuses to run (a step without its hooks
+    would skip the ZeRO gradient reduction). Everything runs even if a part fails; the first
+    error is raised after."""
+    errors = []
     for close in closers:
-        close()
-    engine.destroy()
+        try:
+            close()
+        except Exception as err:  # the engine must still be released
+            errors.append(err)
+    try:
+        engine.destroy()
+    finally:
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"DeepSpeed engine: {CLOSED}")
+        engine.forward = engine.backward = engine.step = refuse
+    if errors:
+        raise errors[0]
 
 
 def _share_cores(loader_workers: int) -> None:
