@@ -60,9 +60,9 @@ class Trainer:
     """Trainer(cfg).train() runs (or resumes) the whole run; train_step() runs one optimizer step.
 
     A process that builds several Trainers (a sweep, a notebook, tests) releases each one with
-    close(), or builds it in a `with Trainer(cfg) as trainer:` block: DeepSpeed's gradient hooks
-    and its name tables keep the engine, the optimizer state and the model alive after the last
-    reference to them is dropped (module globals and hooks held by torch's C++ autograd nodes,
+    close(), or builds it in a `with Trainer(cfg) as trainer:` block: at ZeRO-1/2 DeepSpeed's
+    gradient hooks keep the engine, the optimizer state and the model alive after the last
+    reference to them is dropped (torch's C++ autograd nodes hold the hooks and the parameters,
     which Python's garbage collector cannot see through). close() removes them (engine.destroy()),
     stops the loaders' worker processes and closes the log writers; the engine, model and
     optimizer state are then freed with the last reference the caller keeps. A Trainer dropped
