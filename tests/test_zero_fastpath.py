@@ -170,26 +170,44 @@ def test_the_one_rank_reduction_is_skipped_only_where_it_changes_nothing(world):
     run_ranks(world, _reduce_cases)
 
 
+def _expected(world: int, stage: int) -> list[str]:
+    """What install replaces on the engines of these tests."""
+    return [m for m in zero_fastpath.METHODS if not (m == "buffered_reduce_fallback" and world > 1)
+            and not (m == "process_gradients" and stage == 1)]
+
+
 def _install_cases(rank: int, world: int) -> None:
     _init_deepspeed()
     assert zero_fastpath.install(_engine(world, 0, fast_path=True).optimizer) == ([], "not a ZeRO-1/2 optimizer")
+    opt = _engine(world, 2, fast_path=False).optimizer  # one engine, one condition broken at a time
     for flag, why in (("cpu_offload", "CPU offload"), ("has_moe_layers", "MoE layers"), ("zenflow", "ZenFlow"),
                       ("model_parallel_rank", "model parallelism")):
-        opt = _engine(world, 2, fast_path=False).optimizer
+        kept = getattr(opt, flag)
         setattr(opt, flag, 1)
-        assert zero_fastpath.install(opt) == ([], why)
-        assert not set(zero_fastpath.METHODS) & set(vars(opt))
-    opt = _engine(world, 2, fast_path=False).optimizer
-    next(iter(opt.bit16_groups[0])).ds_pipe_replicated = True
-    assert zero_fastpath.install(opt) == ([], "pipeline-replicated parameters")
+        try:
+            assert zero_fastpath.install(opt) == ([], why)
+        finally:
+            setattr(opt, flag, kept)
+    param = next(iter(opt.bit16_groups[0]))
+    param.ds_pipe_replicated = True
+    try:
+        assert zero_fastpath.install(opt) == ([], "pipeline-replicated parameters")
+    finally:
+        del param.ds_pipe_replicated
     version, deepspeed.__version__ = deepspeed.__version__, "0.20.0"
     try:
-        replaced, why = zero_fastpath.install(_engine(world, 2, fast_path=False).optimizer)
+        replaced, why = zero_fastpath.install(opt)
     finally:
         deepspeed.__version__ = version
     assert replaced == [] and "0.20.0" in why
+    assert not set(zero_fastpath.METHODS) & set(vars(opt)), "a refused install replaced something"
+    assert zero_fastpath.install(opt)[0] == _expected(world, 2)
+    # ZeRO-1 and contiguous gradients: every hook would take DeepSpeed's path, so the hook stays
     replaced, why = zero_fastpath.install(_engine(world, 1, fast_path=False).optimizer)
-    assert replaced == [m for m in zero_fastpath.METHODS if world == 1 or m != "buffered_reduce_fallback"], why
+    assert replaced == _expected(world, 1) and "process_gradients kept" in why, (replaced, why)
+    contiguous = _engine(world, 2, fast_path=False, extra={"zero_optimization": {"contiguous_gradients": True}})
+    replaced, why = zero_fastpath.install(contiguous.optimizer)
+    assert "process_gradients" not in replaced and "process_gradients kept" in why, (replaced, why)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -231,6 +249,12 @@ def _train(rank: int, world: int, stage: int, accumulation: int, clipping: float
     engine = _engine(world, stage, fast_path=fast_path, clipping=clipping, accumulation=accumulation, extra=extra)
     opt = engine.optimizer
     step, seen = opt.step, []
+    hooks, deepspeeds_hooks = [], []
+    if fast_path:  # the comparison means something only if the replacements are there and taken
+        assert [m for m in zero_fastpath.METHODS if m in vars(opt)] == _expected(world, stage)
+        if "process_gradients" in vars(opt):
+            spy = _spy(opt, "process_gradients", deepspeeds_hooks)
+            opt.process_gradients = lambda *a: hooks.append(1) or spy(*a)
 
     def step_with_a_nan_before_the_third(*args, **kwargs):
         if len(seen) == 2 and rank == 0:
@@ -243,6 +267,7 @@ def _train(rank: int, world: int, stage: int, accumulation: int, clipping: float
     for _ in range(4):
         micro = [{"x": torch.randn(6, 5), "y": torch.randn(6, 7)} for _ in range(accumulation)]
         whole_batch_step(engine, micro, _objective)
+    assert len(deepspeeds_hooks) < len(hooks) or stage == 1, (len(deepspeeds_hooks), len(hooks))
     return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, seen
 
 

@@ -245,10 +245,15 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
         engine.clip_fp32_gradients = lambda: clip_like_deepspeed(engine.module.parameters(), engine.gradient_clipping())
     elif ds_config["zero_optimization"]["stage"] in (1, 2) and fast_path:
         replaced, why = zero_fastpath.install(engine.optimizer)
-        if torch.distributed.get_rank() == 0:
-            print(f"xfast train: ZeRO fast path: {', '.join(replaced) or 'nothing'} replaced"
-                  f"{f' ({why})' if why else ''}; deepspeed.fast_path false turns it off", file=sys.stderr, flush=True)
+        message = (f"xfast train: ZeRO fast path: {', '.join(replaced) or 'nothing'} replaced"
+                   f"{f' ({why})' if why else ''}; deepspeed.fast_path false turns it off")
+        if torch.distributed.get_rank() == 0 and message not in _SAID:  # once per process, not per engine
+            _SAID.add(message)
+            print(message, file=sys.stderr, flush=True)
     return engine
+
+
+_SAID: set[str] = set()
 
 
 def clip_like_deepspeed(parameters, max_norm: float) -> None:

@@ -2,16 +2,16 @@
 
 DeepSpeed 0.19's ZeRO-1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py) spends a fixed few
 milliseconds of Python per optimizer step on loops over the parameter tensors; with small towers
-that is a large share of the step (benchmarks/bench_deepspeed_step.py). `install` replaces three of
+that is a large share of the step (benchmarks/bench_deepspeed_step.py). `install` replaces four of
 those methods on one optimizer instance (instance attributes: the class, other engines and other
 stages are untouched), each with the same arithmetic:
 
-- process_gradients (the per-parameter backward hook at ZeRO-2 with contiguous_gradients false,
-  xfast's CPU default): DeepSpeed appends the parameter's gradient to the reduce bucket through
-  five nested calls, two of which format a memory-report message that is then thrown away
-  (see_memory_usage without force). Here the same bucket bookkeeping in one function; anything
-  else (a full bucket, contiguous buffers, overlap_comm, autocast, gradient accumulation
-  attributes, ZeRO-1) goes to DeepSpeed's method.
+- process_gradients (the per-parameter backward hook), installed at ZeRO-2 with
+  contiguous_gradients false (xfast's CPU default), no overlap_comm and no gradient accumulation
+  attributes: DeepSpeed appends the parameter's gradient to the reduce bucket through three nested
+  calls, one of which formats a memory-report message that is then thrown away (see_memory_usage
+  without force). Here the same bucket bookkeeping in one function; per call, a full bucket,
+  autocast or a transient gradient (ds_grad_is_ready false) goes to DeepSpeed's method.
 - get_grad_norm_direct (2-norm): DeepSpeed takes one `vector_norm` per gradient in the norm dtype
   (float64 where the device has it), moves each to the device, stacks, squares, sums, casts to
   float32, all-reduces, takes the root and masks inf/NaN to -1. Here the per-tensor norms are one
@@ -71,8 +71,11 @@ def install(optimizer) -> tuple[list[str], str]:
         replaced.append("buffered_reduce_fallback")
     else:
         notes.append("buffered_reduce_fallback kept: more than one data-parallel rank")
-    optimizer.process_gradients = types.MethodType(_process_gradients(optimizer.process_gradients), optimizer)
-    replaced.append("process_gradients")
+    if _separate_gradient_buckets(optimizer):
+        optimizer.process_gradients = types.MethodType(_process_gradients(optimizer.process_gradients), optimizer)
+        replaced.append("process_gradients")
+    else:
+        notes.append("process_gradients kept: ZeRO-1, contiguous_gradients, overlap_comm or accumulation attributes")
     return replaced, "; ".join(notes)
 
 
@@ -178,6 +181,13 @@ def _buffered_reduce_fallback(original):
             return original(rank, grads, communication_data_type, elements_per_buffer, log)
 
     return buffered_reduce_fallback
+
+
+def _separate_gradient_buckets(opt) -> bool:
+    """The settings under which every hook would take the replacement's own path (fixed for the
+    optimizer's life): ZeRO-2 with separate gradient tensors in the bucket, no overlap."""
+    return (opt.partition_gradients and not opt.contiguous_gradients and not opt.overlap_comm
+            and not opt.use_grad_accum_attribute and not opt.zenflow)
 
 
 def _process_gradients(original):
