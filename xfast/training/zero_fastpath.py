@@ -56,26 +56,22 @@ def install(optimizer) -> tuple[list[str], str]:
     if unsupported:
         return [], unsupported
     replaced, notes = [], []
-    optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_direct(optimizer.get_grad_norm_direct),
-                                                      optimizer)
-    replaced.append("get_grad_norm_direct")
-    if _params_are_their_round_robin_selves(optimizer):
-        optimizer._update_model_bit16_weights = types.MethodType(
-            _update_model_bit16_weights(optimizer._update_model_bit16_weights), optimizer)
-        replaced.append("_update_model_bit16_weights")
-    else:
-        notes.append("_update_model_bit16_weights kept: parameters are not their round-robin entries")
-    if _single_rank(optimizer):
-        optimizer.buffered_reduce_fallback = types.MethodType(
-            _buffered_reduce_fallback(optimizer.buffered_reduce_fallback), optimizer)
-        replaced.append("buffered_reduce_fallback")
-    else:
-        notes.append("buffered_reduce_fallback kept: more than one data-parallel rank")
-    if _separate_gradient_buckets(optimizer):
-        optimizer.process_gradients = types.MethodType(_process_gradients(optimizer.process_gradients), optimizer)
-        replaced.append("process_gradients")
-    else:
-        notes.append("process_gradients kept: ZeRO-1, contiguous_gradients, overlap_comm or accumulation attributes")
+    # (method, its replacement's factory, whether the replacement can run here, why it is kept if not)
+    choices = (
+        ("get_grad_norm_direct", _grad_norm_direct, True, ""),
+        ("_update_model_bit16_weights", _update_model_bit16_weights, _params_are_their_round_robin_selves(optimizer),
+         "parameters are not their round-robin entries"),
+        ("buffered_reduce_fallback", _buffered_reduce_fallback, _single_rank(optimizer),
+         "more than one data-parallel rank"),
+        ("process_gradients", _process_gradients, _separate_gradient_buckets(optimizer),
+         "ZeRO-1, contiguous_gradients, overlap_comm or accumulation attributes"),
+    )
+    for name, replacement, applies, why_kept in choices:
+        if applies:
+            setattr(optimizer, name, types.MethodType(replacement(getattr(optimizer, name)), optimizer))
+            replaced.append(name)
+        else:
+            notes.append(f"{name} kept: {why_kept}")
     return replaced, "; ".join(notes)
 
 
