@@ -50,11 +50,12 @@ def test_compile_towers_never_turns_cuda_graphs_on(monkeypatch):
     from xfast.models.model import ContrastiveModel
     seen = []
     tower = type("Tower", (), {"compile": lambda self, **kwargs: seen.append(kwargs)})()
-    model = type("Model", (), {"text": tower, "media": tower})()
+    model = type("Model", (), {"text": tower, "media": tower, "_embed_pair": lambda self: None})()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)  # the pair's region
     with pytest.raises(ValueError, match="mode 'reduce-overhead' is not supported"):
         ContrastiveModel.compile_towers(model, mode="reduce-overhead")
     ContrastiveModel.compile_towers(model, mode="max-autotune-no-cudagraphs")
-    assert len(seen) == 2 and all(k["options"]["triton.cudagraphs"] is False for k in seen), seen
+    assert len(seen) == 3 and all(k["options"]["triton.cudagraphs"] is False for k in seen), seen
 
 
 def test_compile_values_and_their_options():
@@ -258,6 +259,56 @@ def test_no_recompile_after_the_first_step(models):
     compiled.train()
     assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["recompiles"].values()) == recompiles
+
+
+def test_a_step_pairing_media_and_captions_is_one_compiled_graph(demo_root):
+    """compile_towers: the plain cross-modal features (both towers, normalised) come from ONE
+    graph, with no graph break, and equal the eager model's bit for bit under the 'eager' backend
+    (the same ops in the same order, dropout from the same RNG: media first, then text); a step
+    with SimCSE views of the captions calls the towers' own compiled forwards instead."""
+    from torch._dynamo.utils import counters
+
+    from xfast.models.objective import FeaturePlan
+    eager = _model(demo_root / "tokenizer")
+    compiled = copy.deepcopy(eager)
+    compiled.compile_towers(backend="eager")
+    tower_calls = []
+    for tower in (compiled.text, compiled.media):
+        inner = tower._compiled_call_impl
+        tower._compiled_call_impl = lambda *a, _inner=inner, _name=tower.modality, **k: (
+            tower_calls.append(_name), _inner(*a, **k))[1]
+    batch = _batches(eager, 1)[0]
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for _ in range(2):  # the second call reuses the graph
+        torch.manual_seed(2)
+        got = compiled.features(batch)
+        torch.manual_seed(2)
+        want = eager.features(batch)
+        assert got.keys() == want.keys() == {"media", "text"}
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert sum(counters["graph_break"].values()) == breaks
+    assert tower_calls == []
+    assert not torch._dynamo.config.use_recursive_dict_tags_for_guards  # set around the call only
+    # The guards skip an unchanged module tree by its dict tags: a reassigned parameter (here a
+    # projection of another shape, as a resized head would be) changes a tag, so the graph is
+    # checked again and the new weights are used, not the ones traced.
+    for model in (compiled, eager):
+        head = next(m for m in model.media.projection.modules() if isinstance(m, torch.nn.Linear))
+        head.weight = torch.nn.Parameter(torch.linspace(-1, 1, 2 * head.weight.numel()).view(-1, head.in_features))
+    torch.manual_seed(2)
+    got = compiled.features(batch)
+    torch.manual_seed(2)
+    want = eager.features(batch)
+    assert got["media"].shape[1] == 2 * got["text"].shape[1]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    views = FeaturePlan(cross_modal=True, captions=True, sentences=False, nli=False, embedding="projected")
+    torch.manual_seed(2)
+    got = compiled.features(batch, plan=views)
+    torch.manual_seed(2)
+    want = eager.features(batch, plan=views)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(tower_calls) == ["image", "text"]
 
 
 # -- DeepSpeed and the Trainer (slow, separate processes)

@@ -34,6 +34,7 @@ class ContrastiveModel(nn.Module):
         self.media = media
         self.tokenizer = tokenizer
         self._plans_checked: set = set()  # FeaturePlans whose config checks passed
+        self._compiled_pair = None  # both towers' embeddings as one compiled region (compile_towers)
         # Media front end and text length the model expects (xfast.data config fields), kept in exports.
         self.preprocessing: dict = {}
         self.logit_scale_max = cfg.logit_scale_max
@@ -115,7 +116,16 @@ class ContrastiveModel(nn.Module):
             if key in batch and len(batch[key]) != len(batch["input_ids"]):
                 raise ValueError(f"batch: {key} has {len(batch[key])} rows but input_ids has "
                                  f"{len(batch['input_ids'])}; pairs must line up")
-            out["media"] = self._encode_media(media_input(batch, self.modality), checks)
+            if self._compiled_pair is not None and not plan.captions:
+                media = self.media.check_inputs(checks, **{key: media_input(batch, self.modality)})
+                text = self.text.check_inputs(checks, input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"])
+                with checks.consuming(), torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+                    # guards built with this skip a whole module tree whose attribute dicts are
+                    # unchanged (no attribute of the towers is reassigned in a run)
+                    out["media"], out["text"] = self._compiled_pair(media, text)
+            else:
+                out["media"] = self._encode_media(media_input(batch, self.modality), checks)
         projected = plan.embedding == "projected"
         if plan.captions:
             # Both dropout views of the captions in one forward pass of the doubled batch.
@@ -126,7 +136,7 @@ class ContrastiveModel(nn.Module):
                 out["text_pooled"] = sent1
             if plan.cross_modal or projected:
                 out["text"] = normalize(proj1)
-        elif plan.cross_modal:
+        elif plan.cross_modal and "text" not in out:
             out["text"] = self._encode_text(batch["input_ids"], batch["attention_mask"], checks)
         if plan.sentences:
             _require(sentences, ("input_ids", "attention_mask"), "sentences")
@@ -158,8 +168,16 @@ class ContrastiveModel(nn.Module):
 
     def compile_towers(self, *, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
         """torch.compile both towers' forward in place (nn.Module.compile): parameter names, the
-        state_dict and checkpoints stay those of the eager model. Input checks, normalisation and
-        the loss stay eager. Inductor draws random numbers (dropout) through torch's own RNG
+        state_dict and checkpoints stay those of the eager model. A step that only pairs media and
+        captions (no SimCSE views) runs both towers and the normalisation of their embeddings as
+        ONE compiled region instead: one guard check, one autograd node and one set of compiled-call
+        wrappers per step instead of two, and the normalisation fused into the graph (media first,
+        then text, as eager: the same dropout masks). Its guards are built with dynamo's recursive
+        dict tags: an unchanged module tree (no attribute reassigned, which a new parameter, module
+        or train/eval switch would be) is one check instead of one per parameter; what it does not
+        see is a parameter changed in place in shape or requires_grad, which nothing in xfast does
+        after compile_towers. Input checks and the loss stay eager.
+        Inductor draws random numbers (dropout) through torch's own RNG
         (fallback_random) so that a compiled step uses the masks an eager one would, and the second
         forward of whole-batch accumulation replays those of the first. `mode` is inductor's (the
         other backends only trace), without CUDA graphs: their outputs are overwritten by the next
@@ -174,6 +192,14 @@ class ContrastiveModel(nn.Module):
             options = {**list_mode_options(mode, dynamic), "fallback_random": True, "triton.cudagraphs": False}
         for tower in (self.text, self.media):
             tower.compile(backend=backend, dynamic=dynamic, options=options)
+        self._compiled_pair = torch.compile(self._embed_pair, backend=backend, dynamic=dynamic, options=options)
+
+    def _embed_pair(self, media: dict, text: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (media, text) embeddings of checked inputs; compiled by compile_towers. The
+        towers' uncompiled call (_call_impl, hooks included): this whole function is one graph."""
+        _, media_projected = self.media._call_impl(**media)
+        _, text_projected = self.text._call_impl(**text)
+        return normalize(media_projected), normalize(text_projected)
 
     def _require_modality(self, modality: str) -> None:
         if self.modality != modality:
