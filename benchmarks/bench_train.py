@@ -61,7 +61,11 @@ throughput runs is mostly their noise (it came out negative), so it is measured 
 process per rank holds xfast_torch, xfast_zero0 and xfast copies of one model and runs one step of
 each per round on the same in-memory batch, in balanced order (rounds rounded up to whole orders); the cost is the median over rounds
 of (DeepSpeed step - torch step), with a distribution-free 95% interval, on 1 rank and on the
-demo's 2 ranks (half the batch each).
+demo's 2 ranks (half the batch each). On 1 rank the eager transformers loop steps in the same
+rounds, and each xfast step's ratio to it (median over rounds of loop / xfast, 95% interval) is
+the steadiest figure of the step itself: separate processes of one method differ by up to ~30%
+in speed on these shared machines (every op, a plain GEMM too), which moves the per-round ratios
+of the throughput rows, while two steps interleaved in one process keep their ratio within ~3%.
 
     python benchmarks/bench_train.py                      # prints the table, writes nothing
     python benchmarks/bench_train.py --save               # also benchmarks/results/train.{json,md}
@@ -466,6 +470,9 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     model = _xfast_model(size, root / "tokenizer")
     compile_with = compile_options(size, compile_flag)
     step_of = {m: _xfast_step(copy.deepcopy(model), size, m, world, ds_extra, compile_with) for m in PAIRED}
+    if world == 1:  # the eager loop in the same rounds: each xfast step's ratio to it, paired
+        _, step_of["transformers"], _ = _transformers_step_fn(size, root / "tokenizer")
+    methods = tuple(step_of)
     per_step = size["micro_batches"]
     source = _loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
     stream = iter(source)
@@ -474,22 +481,32 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     source.close()
     micro = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
     for i in range(warmup):
-        for method in PAIRED:
+        for method in methods:
             float(step_of[method](micro[i % len(micro)]))
-    times: dict[str, list[float]] = {m: [] for m in PAIRED}
-    for i in range(balanced_rounds(steps, len(PAIRED))):
-        for method in round_order(PAIRED, i):
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(balanced_rounds(steps, len(methods))):
+        for method in round_order(methods, i):
             start = time.perf_counter()
             float(step_of[method](micro[i % len(micro)]))
             times[method].append(time.perf_counter() - start)
     if rank != 0:
         return None
-    result = {"ranks": world, "steps": len(times["xfast"]), "compiled": compile_with is not None,
+    return paired_result(times, world, compile_with is not None)
+
+
+def paired_result(times: dict[str, list[float]], world: int, compiled: bool) -> dict:
+    """paired_worker's result from each method's step times (seconds, round i at index i)."""
+    result = {"ranks": world, "steps": len(times["xfast"]), "compiled": compiled,
               "ms_per_step": {m: statistics.median(t) * 1e3 for m, t in times.items()}}
     for method in PAIRED[1:]:
         diffs = [1e3 * (a - b) for a, b in zip(times[method], times["xfast_torch"])]
         median, ci95 = median_interval(diffs)
         result[method] = {"deepspeed_ms_per_step": median, "ci95": ci95, "round_diffs_ms": diffs}
+    if "transformers" in times:
+        for method in PAIRED:
+            ratios = [loop / own for own, loop in zip(times[method], times["transformers"])]
+            median, ci95 = median_interval(ratios)
+            result.setdefault(method, {}).update(vs_loop=median, vs_loop_ci95=ci95, round_vs_loop=ratios)
     return result
 
 
@@ -582,7 +599,9 @@ HEADER = ("Training throughput on CPU: 1 thread per process unless the command s
           "compiles xfast's towers only; the transformers loop stays eager (transformers_compiled is it compiled)")
 PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0 and ZeRO-2 copies of the model in "
                  "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:39, rotating before); "
-                 "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]")
+                 "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]. "
+                 "On 1 rank the eager transformers loop runs in the same rounds (since 2026-11-29 17:50; in that process "
+                 "under xfast's malloc setting too): vs loop is the median over rounds of (loop step / xfast step) [95% interval]")
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -600,7 +619,7 @@ def table(rows: list[dict], header: str) -> str:
             if "vs_open_clip_2ranks" in r:
                 vs += f" ({r['vs_open_clip_2ranks']:.2f}x open_clip)"
             cost = row.get("deepspeed_cost", {}).get("1", {}).get(method)
-            ds = _cost_cell(cost) if cost else ""
+            ds = _cost_cell(cost) if cost and "deepspeed_ms_per_step" in cost else ""
             rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else ""  # rows saved before it was measured
             name = f"{method} (compiled towers)" if r.get("compiled") and method.startswith("xfast") else method
             lines.append(f"| {row['size']} (batch {row['batch']}) | {name} | {r['samples_per_s']:.0f} | "
@@ -608,15 +627,25 @@ def table(rows: list[dict], header: str) -> str:
     costs = [(row, ranks, result) for row in rows for ranks, result in row.get("deepspeed_cost", {}).items()]
     if costs:
         lines += ["", PAIRED_HEADER, "",
-                  "| size | ranks | torch step ms | ZeRO-0 ms/step | ZeRO-2 ms/step | DeepSpeed ZeRO-0 | DeepSpeed ZeRO-2 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| size | ranks | torch step ms | ZeRO-0 ms/step | ZeRO-2 ms/step | DeepSpeed ZeRO-0 | DeepSpeed ZeRO-2 "
+                  "| loop ms/step | vs loop: torch / ZeRO-0 / ZeRO-2 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row, ranks, result in costs:
             ms = result["ms_per_step"]
             ranks = f"{ranks}, compiled towers" if result.get("compiled") else ranks
+            loop = vs_loop = ""
+            if "transformers" in ms:  # results saved before the loop joined the paired rounds have none
+                loop = f"{ms['transformers']:.1f}"
+                vs_loop = " / ".join(_ratio_cell(result[m]) for m in PAIRED)
             lines.append(f"| {row['size']} (batch {row['batch']}) | {ranks} | {ms['xfast_torch']:.1f} | "
                          f"{ms['xfast_zero0']:.1f} | {ms['xfast']:.1f} | {_cost_cell(result['xfast_zero0'])} | "
-                         f"{_cost_cell(result['xfast'])} |")
+                         f"{_cost_cell(result['xfast'])} | {loop} | {vs_loop} |")
     return "\n".join(lines)
+
+
+def _ratio_cell(result: dict) -> str:
+    low, high = result["vs_loop_ci95"]
+    return f"{result['vs_loop']:.2f}x [{low:.2f}, {high:.2f}]"
 
 
 def _cost_cell(cost: dict) -> str:
@@ -700,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     methods_of = {s: list(default_methods(s) if args.methods is None else args.methods) for s in args.sizes}
     # round r runs every method once, in the r-th balanced order: each round is a paired comparison
-    jobs = [(s, m) for r in range(args.repeat) for s in args.sizes for m in round_order(methods_of[s], r)]
+    jobs = [(s, m) for r in range(args.repeat) for s in args.sizes if methods_of[s] for m in round_order(methods_of[s], r)]
     runs: dict[tuple[str, str], list[dict]] = {}
     command = " ".join(["python", "benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
     cpu = machine()
