@@ -45,8 +45,9 @@ PARTS = ("forward_loss", "backward", "step")
 # DeepSpeed 0.19 ZeRO-1/2 optimizer methods that run every step (deepspeed/runtime/zero/stage_1_and_2.py)
 ZERO2_METHODS = ("process_gradients", "update_hook_state_and_maybe_run_epilogue",
                  "independent_gradient_partition_epilogue", "reduce_ipg_grads", "get_all_grad_tensors",
-                 "get_flat_partition", "scaled_global_norm", "flatten", "flatten_dense_tensors_aligned",
-                 "free_grad_in_param_list", "_optimizer_step", "_update_model_bit16_weights", "zero_grad")
+                 "get_flat_partition", "scaled_global_norm", "get_grad_norm_direct", "unscale_and_clip_grads",
+                 "flatten", "flatten_dense_tensors_aligned", "free_grad_in_param_list", "_optimizer_step",
+                 "_update_model_bit16_weights", "zero_grad")
 ZERO2_FUNCTIONS = ("count_used_parameters_in_backward", "all_gather_dp_groups")  # module functions it calls
 
 

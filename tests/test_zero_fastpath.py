@@ -3,6 +3,7 @@ gives on the same optimizer state, falls back to it where a condition does not h
 training steps give the same weights bit for bit with and without it, on 1 and 2 ranks."""
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -53,6 +54,9 @@ def _norm_cases(rank: int, world: int) -> None:
     assert not set(zero_fastpath.METHODS) & set(vars(opt)), "fast_path=False replaced something"
     theirs, calls = _theirs(opt, "get_grad_norm_direct"), []
     mine = _spy(opt, "get_grad_norm_direct", calls)
+    assert zero_fastpath._single_rank(opt) == (world == 1)
+    # what install puts there: at one rank without the all-reduce of the sum
+    installed = zero_fastpath._grad_norm_direct(theirs, single_rank=world == 1).__get__(opt)
     torch.manual_seed(10 + rank)  # each rank's own gradients: the norm is all-reduced
     shapes = [(33, 7), (7,), (1,), (0,), (5, 5), (4097,), (3, 1, 2)]
 
@@ -78,6 +82,7 @@ def _norm_cases(rank: int, world: int) -> None:
         expected, got = theirs(g, p), mine(g, p)
         assert expected.dtype == got.dtype == torch.float32 and expected.shape == got.shape
         assert torch.equal(expected, got), (name, expected, got)
+        assert torch.equal(expected, installed(g, p)), name
         if name in ("nan", "inf"):
             assert got.item() == -1.0  # DeepSpeed's invalid-norm sentinel
     assert not calls
@@ -259,8 +264,9 @@ def _train(rank: int, world: int, stage: int, accumulation: int, clipping: float
     def step_with_a_nan_before_the_third(*args, **kwargs):
         if len(seen) == 2 and rank == 0:
             opt.averaged_gradients[0][0].view(-1)[0] = float("nan")
+        used = opt._max_expected_hooks_seen  # the hooks' count of parameters the backward reaches
         step(*args, **kwargs)
-        seen.append((opt.overflow, float(opt._global_grad_norm)))
+        seen.append((opt.overflow, float(opt._global_grad_norm), used))
 
     opt.step = step_with_a_nan_before_the_third
     torch.manual_seed(1 + rank)
@@ -278,16 +284,67 @@ def _whole_steps(rank: int, world: int, stage: int, accumulation: int) -> None:
         fast, fast_seen = _train(rank, world, stage, accumulation, clipping, True, extra)
         own, own_seen = _train(rank, world, stage, accumulation, clipping, False, extra)
         assert [s[0] for s in own_seen] == [False, False, True, False], own_seen
+        assert all(s[2] > 0 for s in own_seen), own_seen  # the count was taken
         # The same norm (bit for bit: the same per-tensor float64 norms, summed in the same order),
         # hence the same clip factor, and the same gradients into the same AdamW: equal weights.
         assert fast_seen == own_seen, (clipping, fast_seen, own_seen)
         for name, value in own.items():
             assert torch.equal(fast[name], value), (rank, clipping, name, (fast[name] - value).abs().max())
         if clipping == 0.05:
-            assert all(norm > clipping for overflow, norm in own_seen if not overflow)  # it did clip
+            assert all(norm > clipping for overflow, norm, _ in own_seen if not overflow)  # it did clip
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("world, accumulation", [(1, 1), (1, 2), (2, 1)])
 def test_training_steps_give_the_same_weights_bit_for_bit_with_and_without(stage, world, accumulation):
     run_ranks(world, _whole_steps, stage, accumulation)
+
+
+def test_the_used_parameter_count_is_deepspeeds_in_every_backward():
+    """_UsedParameters.count against DeepSpeed's count_used_parameters_in_backward, both taken in
+    the same gradient hook: whole and partial graphs, a parameter that stops requiring grad, one
+    whose dtype changes (torch gives it a new accumulator node), a non-leaf tensor."""
+    from deepspeed.runtime.zero import stage_1_and_2 as zero12
+
+    torch.manual_seed(0)
+    model = Towers()
+    params = list(model.parameters())
+    used = zero_fastpath._UsedParameters(types.SimpleNamespace(bit16_groups=[params[:5], params[5:]]))
+    counts = []
+    hooks = [p.register_post_accumulate_grad_hook(
+        lambda p: counts.append((zero12.count_used_parameters_in_backward(used.params), used.count())))
+        for p in params]
+    batch = {"x": torch.randn(6, 5), "y": torch.randn(6, 7)}
+
+    def backward(loss, expected: int):
+        counts.clear()
+        loss.backward()
+        assert counts and all(c == (expected, expected) for c in counts), (counts, expected)
+
+    try:
+        features, shared = model(batch)
+        backward(_objective(features, shared)[0], len(params))
+        nodes = list(used.nodes)
+        features, _ = model(batch)
+        backward(features["text"].sum(), 6)  # the text tower's 6 tensors only
+        assert all(a is b for a, b in zip(used.nodes, nodes)), "looked up again with nothing changed"
+        model.text[0].bias.requires_grad_(False)
+        features, _ = model(batch)
+        backward(features["text"].sum(), 5)
+        model.text[0].bias.requires_grad_(True)
+        model.logit_scale.data = model.logit_scale.data.double()  # a new accumulator node for it
+        features, shared = model(batch)
+        backward(features["text"].sum() + features["image"].sum() + shared["scale"].sum(), len(params))
+        moved = [i for i, p in enumerate(params) if p is model.logit_scale]
+        assert [i for i, (a, b) in enumerate(zip(used.nodes, nodes)) if a is not b] == moved
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # a non-leaf tensor among them: its node is new in every graph, so DeepSpeed's count runs
+    leaf = torch.randn(3, requires_grad=True)
+    derived = torch.randn(4, requires_grad=True) * 2.0
+    used = zero_fastpath._UsedParameters(types.SimpleNamespace(bit16_groups=[[leaf, derived]]))
+    counts.clear()
+    leaf.register_post_accumulate_grad_hook(lambda p: counts.append(used.count()))
+    (leaf.sum() + derived.sum()).backward()
+    assert counts == [2] and used.looked_up_for is None
