@@ -21,6 +21,7 @@ from xfast.training.engine import (  # noqa: E402
     clip_like_deepspeed,
     deepspeed_config,
 )
+from xfast.training.zero_fastpath import module_parameters  # noqa: E402
 
 # What DeepSpeed itself uses for the keys xfast sets (deepspeed.runtime.zero.config, 0.19).
 DEEPSPEED_OWN = {"contiguous_gradients": True, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
@@ -79,6 +80,7 @@ def _train(rank: int, world: int, stage: int, deepspeeds_own: bool, accumulation
     engine = build_engine(model, ds_config=config, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
                           tower_lr={}, warmup_steps=1, total_steps=10, min_lr_ratio=0.0,
                           fast_path=not deepspeeds_own)  # DeepSpeed's own methods (tests/test_zero_fastpath.py)
+    assert ("zero_grad" in vars(engine)) == (stage == 0 and not deepspeeds_own)  # the fast path's at ZeRO-0
     if deepspeeds_own and stage == 0:
         del engine.clip_fp32_gradients  # back to DeepSpeed's method
     torch.manual_seed(1 + rank)
@@ -139,6 +141,38 @@ def _clip_cases(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_clip_like_deepspeed_equals_deepspeeds_clip_grad_norm(world):
     run_ranks(world, _clip_cases)
+
+
+def test_module_parameters_lists_what_module_parameters_lists():
+    """The same tensors in the same order as nn.Module.parameters(): shared submodules and tied
+    parameters once, None entries skipped, torch.compile's wrapper, and a module class with its own
+    listing (then its listing is the answer)."""
+    shared = nn.Linear(3, 4)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Sequential(nn.Linear(4, 3), shared, None, nn.LayerNorm(4))
+            self.register_parameter("missing", None)
+            self.gain = nn.Parameter(torch.ones(1))
+            self.again = shared  # the same submodule twice
+            self.head = nn.Linear(4, 4, bias=False)
+            self.tail = nn.Linear(4, 4)
+            self.tail.weight = self.head.weight  # a tied parameter
+            self.towers = torch.compile(Towers())  # not compiled until called
+
+    class OwnListing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def parameters(self, recurse=True):
+            return iter([self.b.weight])
+
+    for module in (Towers(), Tied(), nn.Sequential(Tied(), OwnListing()), OwnListing(), nn.Linear(2, 2)):
+        expected = list(module.parameters())
+        got = module_parameters(module)
+        assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected)), type(module)
 
 
 def test_adamw_is_fused_where_torch_has_the_kernel_else_foreach():

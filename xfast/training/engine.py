@@ -224,9 +224,9 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
     """deepspeed.initialize around `module` with torch AdamW and a warmup+cosine LambdaLR.
 
     DeepSpeed steps the scheduler once per optimizer step (at the accumulation boundary) and
-    saves/loads its state with the checkpoint. fast_path: at ZeRO-1/2, xfast.training.zero_fastpath
-    replaces some of DeepSpeed's per-step optimizer methods with the same arithmetic in fewer tensor
-    ops (rank 0 prints which, once).
+    saves/loads its state with the checkpoint. fast_path: at ZeRO-0/1/2, xfast.training.zero_fastpath
+    replaces some of DeepSpeed's per-step engine/optimizer methods with the same arithmetic in fewer
+    tensor ops (rank 0 prints which, once).
     """
     import deepspeed
 
@@ -242,9 +242,11 @@ def build_engine(module: nn.Module, *, ds_config: dict, lr: float, weight_decay:
             # Stage 0 all-reduces every gradient after backward, through a flat copy of all of
             # them, even alone; with one rank there is nothing to average.
             engine.enable_backward_allreduce = False
-        engine.clip_fp32_gradients = lambda: clip_like_deepspeed(engine.module.parameters(), engine.gradient_clipping())
-    elif ds_config["zero_optimization"]["stage"] in (1, 2) and fast_path:
-        replaced, why = zero_fastpath.install(engine.optimizer)
+        listed = zero_fastpath.module_parameters if fast_path else nn.Module.parameters
+        engine.clip_fp32_gradients = lambda: clip_like_deepspeed(listed(engine.module), engine.gradient_clipping())
+    if fast_path and ds_config["zero_optimization"]["stage"] in (0, 1, 2):
+        replaced, why = (zero_fastpath.install_stage0(engine) if ds_config["zero_optimization"]["stage"] == 0
+                         else zero_fastpath.install(engine.optimizer))
         message = (f"xfast train: ZeRO fast path: {', '.join(replaced) or 'nothing'} replaced"
                    f"{f' ({why})' if why else ''}; deepspeed.fast_path false turns it off")
         if torch.distributed.get_rank() == 0 and message not in _SAID:  # once per process, not per engine
@@ -259,8 +261,9 @@ _SAID: set[str] = set()
 def clip_like_deepspeed(parameters, max_norm: float) -> None:
     """DeepSpeed's stage-0 fp32 gradient clipping (deepspeed.runtime.utils.clip_grad_norm_, 2-norm,
     no model parallelism), with its two loops over the parameters as foreach calls: the same
-    per-tensor norms, sum of squares, averaged all-reduce and scale factor, so the same gradients
-    bit for bit (tests/test_train_engine.py), for a fraction of the Python per parameter."""
+    per-tensor norms, sum of squares, averaged all-reduce (none with one rank, where it is the
+    identity) and scale factor, so the same gradients bit for bit (tests/test_train_engine.py), for
+    a fraction of the Python per parameter."""
     from deepspeed import comm
     from deepspeed.utils import groups
 
@@ -269,8 +272,10 @@ def clip_like_deepspeed(parameters, max_norm: float) -> None:
         return
     total = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float().pow(1.0 / 2.0)
     group = groups._get_data_parallel_group()
-    total = total * 1.0 / float(comm.get_world_size(group=group))  # DeepSpeed's MoE-safe average
-    comm.all_reduce(total, group=group)
+    world = comm.get_world_size(group=group)
+    total = total * 1.0 / float(world)  # DeepSpeed's MoE-safe average
+    if world > 1:  # a one-rank sum is the value itself (and costs gloo ~0.1 ms)
+        comm.all_reduce(total, group=group)
     coef = torch.min(torch.tensor([1.0], device=total.device),
                      torch.tensor([float(max_norm)], device=total.device) / (total + 1e-6))
     torch._foreach_mul_(grads, coef.to(grads[0].device).reshape(()))
