@@ -7,10 +7,12 @@ TORCH := torch==2.13.0
 
 .PHONY: install demo test test-fast lint bench clean
 
+# --no-compile: pip would byte-compile all ~240 MB of the packages' Python sources (transformers,
+# sympy, scipy, ...) one file at a time; Python compiles the modules a run imports on first import.
 .venv/.installed: setup.py setup.cfg pyproject.toml csrc/*.cpp csrc/*.h
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip setuptools wheel ninja $(TORCH)
-	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
+	$(PIP) install -q --no-compile --upgrade pip setuptools wheel ninja $(TORCH)
+	$(PIP) install -q --no-compile --no-build-isolation -e ".[test]" $(TORCH)
 	touch $@
 
 install: .venv/.installed
