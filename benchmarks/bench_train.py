@@ -445,7 +445,7 @@ PAIRED = ("xfast_torch", "xfast_zero0", "xfast")
 
 
 def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra: dict, malloc: str,
-                  compile_flag: str = "off") -> dict | None:
+                  compile_flag: str = "off", adamw_kernel: str = "default") -> dict | None:
     """DeepSpeed's own cost per step, paired (runs in the subprocess, one per rank).
 
     One process holds three copies of the same model: in plain torch (xfast_torch), ZeRO-0 and
@@ -471,7 +471,7 @@ def paired_worker(size_name: str, steps: int, warmup: int, root: Path, ds_extra:
     compile_with = compile_options(size, compile_flag)
     step_of = {m: _xfast_step(copy.deepcopy(model), size, m, world, ds_extra, compile_with) for m in PAIRED}
     if world == 1:  # the eager loop in the same rounds: each xfast step's ratio to it, paired
-        _, step_of["transformers"], _ = _transformers_step_fn(size, root / "tokenizer")
+        _, step_of["transformers"], _ = _transformers_step_fn(size, root / "tokenizer", adamw_kernel)
     methods = tuple(step_of)
     per_step = size["micro_batches"]
     source = _loader(size, size["batch"] // world, root, model.tokenizer, rank=rank, world=world)
@@ -544,10 +544,11 @@ def measure(size_name: str, method: str, steps: int, warmup: int, ds_extra: dict
 
 
 def measure_paired(size_name: str, ranks: int, steps: int, warmup: int, ds_extra: dict, malloc: str = "xfast",
-                   compile_flag: str = "config") -> dict:
+                   compile_flag: str = "config", adamw_kernel: str = "default") -> dict:
     """paired_worker on `ranks` ranks (each rank its share of the batch, as the demo's 2 ranks)."""
     return run_ranks(["--paired", size_name, "--paired-steps", str(steps), "--warmup", str(warmup),
-                 "--ds-extra", json.dumps(ds_extra), "--malloc", malloc, "--compile", compile_flag], ranks, f"{size_name}/paired on {ranks} ranks")
+                 "--ds-extra", json.dumps(ds_extra), "--malloc", malloc, "--compile", compile_flag,
+                 "--baseline-adamw", adamw_kernel], ranks, f"{size_name}/paired on {ranks} ranks")
 
 
 def machine() -> str:
@@ -601,7 +602,8 @@ PAIRED_HEADER = ("DeepSpeed's own cost per optimizer step, paired: torch, ZeRO-0
                  "one process per rank, one step of each per round on the same in-memory batch (balanced order since 2026-11-29 11:39, rotating before); "
                  "median step time, and the median of (DeepSpeed step - torch step) over the rounds [95% interval]. "
                  "On 1 rank the eager transformers loop runs in the same rounds (since 2026-11-29 17:50; in that process "
-                 "under xfast's malloc setting too): vs loop is the median over rounds of (loop step / xfast step) [95% interval]")
+                 "under xfast's malloc setting too, with the AdamW of --baseline-adamw): vs loop is the median over rounds of "
+                 "(loop step / xfast step) [95% interval]")
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -721,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.paired:
         result = paired_worker(args.paired, args.paired_steps, args.warmup, root, args.ds_extra, args.malloc,
-                               args.compile)
+                               args.compile, args.baseline_adamw)
         if result is not None:
             print("RESULT " + json.dumps(result))
         return 0
@@ -738,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny = SIZES[size_name]["hidden"] == 32 and SIZES[size_name]["batch"] <= 256
         for ranks in args.paired_ranks if args.paired_ranks is not None else (1, 2) if tiny else ():
             paired.setdefault(size_name, {})[ranks] = measure_paired(size_name, ranks, args.paired_steps, args.warmup,
-                                                                     args.ds_extra, args.malloc, args.compile)
+                                                                     args.ds_extra, args.malloc, args.compile,
+                                                                     args.baseline_adamw)
     done: list[str] = []
     for size_name, method in tqdm(jobs, desc="bench_train", unit="run", disable=not sys.stderr.isatty()):
         size = SIZES[size_name]

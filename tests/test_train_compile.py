@@ -261,11 +261,17 @@ def test_no_recompile_after_the_first_step(models):
     assert sum(counters["recompiles"].values()) == recompiles
 
 
+@pytest.mark.slow
 def test_a_step_pairing_media_and_captions_is_one_compiled_graph(demo_root):
     """compile_towers: the plain cross-modal features (both towers, normalised) come from ONE
     graph, with no graph break, and equal the eager model's bit for bit under the 'eager' backend
     (the same ops in the same order, dropout from the same RNG: media first, then text); a step
-    with SimCSE views of the captions calls the towers' own compiled forwards instead."""
+    with SimCSE views of the captions calls the towers' own compiled forwards instead. That
+    inductor keeps the masks' order too rests on test_compiled_step_matches_eager_within_float32_rounding
+    (its plain step takes this one region). A deepcopy runs its own weights (eager) and a
+    compiled model pickles."""
+    import pickle
+
     from torch._dynamo.utils import counters
 
     from xfast.models.objective import FeaturePlan
@@ -302,6 +308,17 @@ def test_a_step_pairing_media_and_captions_is_one_compiled_graph(demo_root):
     want = eager.features(batch)
     assert got["media"].shape[1] == 2 * got["text"].shape[1]
     assert all(torch.equal(got[k], want[k]) for k in want)
+    # A copy must not call the original's compiled pair (bound to the original's towers).
+    twin = copy.deepcopy(compiled)
+    assert twin._compiled_pair is None and compiled._compiled_pair is not None
+    with torch.no_grad():
+        for p in twin.media.projection.parameters():
+            p.zero_()
+    torch.manual_seed(2)
+    assert not twin.features(batch)["media"].any()
+    torch.manual_seed(2)
+    assert torch.equal(compiled.features(batch)["media"], got["media"])
+    assert pickle.loads(pickle.dumps(compiled))._compiled_pair is None
     views = FeaturePlan(cross_modal=True, captions=True, sentences=False, nli=False, embedding="projected")
     torch.manual_seed(2)
     got = compiled.features(batch, plan=views)
