@@ -4,18 +4,26 @@ once, in rotating order; per-round ratios, median over rounds (lowest-highest ro
 
     git apply benchmarks/experiments/own_gemm/own_gemm_fused_backward.patch   # in a scratch clone
     python setup.py -q build_ext --inplace
-    flock /work/wt/cpu.lock python ab_builds.py OLD.so,NEW.so clip:8192:512,simcse:8192:512,clip:8192:64 8
+    python ab_builds.py OLD.so,NEW.so clip:8192:512,simcse:8192:512,clip:8192:64 8   # on a quiet machine
 """
+import argparse
 import importlib.util
 import statistics
-import sys
 import time
 
 import torch
 
-paths = sys.argv[1].split(",")
-cases = [c.split(":") for c in sys.argv[2].split(",")]
-rounds = int(sys.argv[3])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("builds", help="comma-separated paths of built xfast._C libraries; the first is the reference")
+parser.add_argument("cases", help="comma-separated LOSS:N:D, LOSS clip or simcse (hard negatives), e.g. clip:8192:512")
+parser.add_argument("rounds", type=int, help="rounds; each runs every build's floor and kernel once")
+args = parser.parse_args()
+paths = args.builds.split(",")
+cases = [c.split(":") for c in args.cases.split(",")]
+if any(len(c) != 3 or c[0] not in ("clip", "simcse") for c in cases):
+    parser.error(f"cases must be LOSS:N:D with LOSS clip or simcse, got {args.cases!r}")
+rounds = args.rounds
 mods = []
 for p in paths:
     spec = importlib.util.spec_from_file_location("_C", p)

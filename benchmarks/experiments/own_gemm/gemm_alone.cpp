@@ -101,6 +101,15 @@ struct Packs { std::vector<float, std::allocator<float>> a, b; };
 
 __attribute__((target("avx2,fma")))
 void gemm_nt(torch::Tensor c, torch::Tensor a, torch::Tensor b, double alpha, int64_t kc_max, bool repack_b, int64_t order) {
+  for (const auto* t : {&c, &a, &b}) {
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->device().is_cpu() && t->stride(1) == 1,
+                "gemm_nt: c, a, b must be 2-D float32 CPU tensors with unit column stride");
+  }
+  TORCH_CHECK(a.stride(0) == a.size(1) && b.stride(0) == b.size(1), "gemm_nt: a and b must be contiguous rows");
+  TORCH_CHECK(a.size(1) == b.size(1), "gemm_nt: a has K = ", a.size(1), " but b has ", b.size(1));
+  TORCH_CHECK(c.size(0) == a.size(0) && c.size(1) == b.size(0), "gemm_nt: c must be ", a.size(0), " x ", b.size(0),
+              ", got ", c.size(0), " x ", c.size(1));
+  TORCH_CHECK(kc_max != 0 && (order == 0 || order == 1), "gemm_nt: kc_max must be nonzero (-1: A unpacked), order 0 or 1");
   static float* pa = nullptr; static float* pb = nullptr; static size_t na = 0, nb = 0;
   const int64_t rows = a.size(0), cols = b.size(0), K = a.size(1);
   const int64_t rp = (rows + MR - 1) / MR * MR, cp = (cols + NR - 1) / NR * NR;

@@ -3,12 +3,14 @@ kernel's 256 x 512 tile, gemm_alone.cpp's 6 x 16 AVX2+FMA micro-kernel against A
 into a resident tile, in alternating rounds; prints GFLOP/s and the median per-round rate
 ratio. Needs an AVX2+FMA CPU; builds gemm_alone.cpp with torch's JIT extension loader.
 
-    flock /work/wt/cpu.lock python benchmarks/experiments/own_gemm/gemm_alone.py
+    python benchmarks/experiments/own_gemm/gemm_alone.py [--rounds 15]   # on a quiet machine
 
 kc: the k-block of the packed A (-1: A not packed, read in place, k over the whole d, the shape
 the patch builds); order 0: column panels outer, 1: row panels outer.
 """
+import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,13 +18,19 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
+args_parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+args_parser.add_argument("--rounds", type=int, default=15, help="alternating rounds per shape (default 15)")
+args = args_parser.parse_args()
+if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    sys.exit(f"gemm_alone.py needs an AVX2+FMA CPU; this one reports {torch.backends.cpu.get_cpu_capability()}")
 torch.set_num_threads(1)
 m = load("xfast_gemm_alone", [str(Path(__file__).with_name("gemm_alone.cpp"))], extra_cflags=["-O3"],
          build_directory=tempfile.mkdtemp(), verbose=False)
 torch.manual_seed(0)
 
 
-def run(d, kc, order, rounds=15, blocks=8):
+def run(d, kc, order, rounds, blocks=8):
     x = torch.randn(256 * blocks, d)
     y = torch.randn(512, d)
     z = torch.empty(256, 512)
@@ -58,4 +66,4 @@ def run(d, kc, order, rounds=15, blocks=8):
 for d in (512, 64):
     for kc in ((512, 256, -1) if d == 512 else (64, -1)):
         for order in (0, 1):
-            run(d, kc, order)
+            run(d, kc, order, args.rounds)
