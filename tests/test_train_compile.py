@@ -172,11 +172,22 @@ def _accumulated_step(model, micro, seed: int):
 
 @pytest.fixture(scope="module")
 def models(demo_root):
-    """Eager float32, eager float64 and compiled float32 copies of one tiny model (dropout on)."""
+    """Eager float32, eager float64 and compiled float32 copies of one tiny model (dropout on).
+
+    The module runs under train.deterministic's settings (make_deterministic), as the Trainer
+    of the runs below and STEP_PROBE do: inductor keys its on-disk cache on them (and on torch's
+    thread count), so those processes find the graphs compiled here instead of compiling their
+    own. The settings before are restored afterwards."""
+    from xfast.training.engine import make_deterministic
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    make_deterministic()
     eager = _model(demo_root / "tokenizer")
     compiled = copy.deepcopy(eager)
     compiled.compile_towers()
-    return eager, copy.deepcopy(eager).double(), compiled
+    yield eager, copy.deepcopy(eager).double(), compiled
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 ULP = torch.finfo(torch.float32).eps
@@ -394,18 +405,18 @@ def _assert_steps_agree(eager_delta: dict, compiled_delta: dict, eager, referenc
         assert (compiled_delta[key] - eager_delta[key]).abs().max().item() <= bound, (key, e, s)
 
 
-# One DeepSpeed ZeRO-2 step in a fresh interpreter (its RNG, dynamo and inductor state all new):
-# the model of _model, the batches of _batches, compiled or not; writes the weights' change.
+# One compiled DeepSpeed ZeRO-2 step in a fresh interpreter (its RNG, dynamo and inductor state all
+# new): the model of _model, the batches of _batches; writes the weights' change.
 STEP_PROBE = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
     from tests.test_train_compile import _batches, _engine_step, _model
-    from xfast.training.engine import init_distributed
-    tokenizer, mode, out = sys.argv[1:4]
+    from xfast.training.engine import init_distributed, make_deterministic
+    tokenizer, out = sys.argv[1:3]
     init_distributed()
+    make_deterministic()  # as the `models` fixture: the graphs it compiled are in inductor's cache
     model = _model(Path(tokenizer))
-    if mode == "compiled":
-        model.compile_towers()
+    model.compile_towers()
     torch.save(_engine_step(model, _batches(model, 2), stage=2), out)
 """)
 
@@ -413,24 +424,26 @@ STEP_PROBE = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_eager_and_compiled_processes_draw_the_same_dropout_masks(demo_root, tmp_path):
-    """Eager and compiled steps, each the first thing a fresh process runs (the compile happens
-    inside the step, between the accumulation's two forwards of a micro-batch), from the same
-    seed: the same weights within the rounding bound of the in-process test. Masks drawn
+    """A compiled step, the first thing a fresh process runs (the compile happens inside the
+    step, between the accumulation's two forwards of a micro-batch), and an eager one from the
+    same seed: the same weights within the rounding bound of the in-process test. Masks drawn
     differently (inductor's own RNG instead of torch's, or an RNG draw by the compiler) would
-    change the BERT tower's gradients by O(1) of their size."""
+    change the BERT tower's gradients by O(1) of their size. The eager step draws its masks from
+    torch's generator seeded by _engine_step, whatever ran before it: it runs here."""
     from tests.test_train_run import clean_env
+    from xfast.training.engine import init_distributed
     env = dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    delta = {}
-    for mode in ("eager", "compiled"):
-        out = tmp_path / f"{mode}.pt"
-        result = subprocess.run([sys.executable, "-c", STEP_PROBE, str(demo_root / "tokenizer"), mode, str(out)],
-                                capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stderr[-4000:]
-        delta[mode] = torch.load(out)
+    out = tmp_path / "compiled.pt"
+    result = subprocess.run([sys.executable, "-c", STEP_PROBE, str(demo_root / "tokenizer"), str(out)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    init_distributed()
     eager = _model(demo_root / "tokenizer")
     assert eager.text.backbone.config.hidden_dropout_prob > 0
-    _assert_steps_agree(delta["eager"], delta["compiled"], eager, copy.deepcopy(eager).double(),
-                        _batches(eager, 2))
+    micro = _batches(eager, 2)
+    before = copy.deepcopy(eager)
+    _assert_steps_agree(_engine_step(eager, micro, stage=2), torch.load(out), before, copy.deepcopy(before).double(),
+                        micro)
 
 
 @pytest.mark.slow
