@@ -183,7 +183,15 @@ def _expected(world: int, stage: int) -> list[str]:
 
 def _install_cases(rank: int, world: int) -> None:
     _init_deepspeed()
-    assert zero_fastpath.install(_engine(world, 0, fast_path=True).optimizer) == ([], "not a ZeRO-1/2 optimizer")
+    stage0 = _engine(world, 0, fast_path=False)
+    assert zero_fastpath.install(stage0.optimizer) == ([], "not a ZeRO-1/2 optimizer")
+    assert "zero_grad" not in vars(stage0)
+    version, deepspeed.__version__ = deepspeed.__version__, "0.20.0"
+    try:
+        assert zero_fastpath.install_stage0(stage0) == ([], "DeepSpeed 0.20.0, tested with 0.19.8")
+    finally:
+        deepspeed.__version__ = version
+    assert "zero_grad" not in vars(stage0) and zero_fastpath.install_stage0(stage0) == (["zero_grad"], "")
     opt = _engine(world, 2, fast_path=False).optimizer  # one engine, one condition broken at a time
     for flag, why in (("cpu_offload", "CPU offload"), ("has_moe_layers", "MoE layers"), ("zenflow", "ZenFlow"),
                       ("model_parallel_rank", "model parallelism")):
@@ -303,7 +311,8 @@ def test_training_steps_give_the_same_weights_bit_for_bit_with_and_without(stage
 def test_the_used_parameter_count_is_deepspeeds_in_every_backward():
     """_UsedParameters.count against DeepSpeed's count_used_parameters_in_backward, both taken in
     the same gradient hook: whole and partial graphs, a parameter that stops requiring grad, one
-    whose dtype changes (torch gives it a new accumulator node), a non-leaf tensor."""
+    whose dtype changes and one changed to another dtype and back (torch gives each a new
+    accumulator node), a non-leaf tensor, and outside a backward."""
     from deepspeed.runtime.zero import stage_1_and_2 as zero12
 
     torch.manual_seed(0)
@@ -337,9 +346,17 @@ def test_the_used_parameter_count_is_deepspeeds_in_every_backward():
         backward(features["text"].sum() + features["image"].sum() + shared["scale"].sum(), len(params))
         moved = [i for i, p in enumerate(params) if p is model.logit_scale]
         assert [i for i, (a, b) in enumerate(zip(used.nodes, nodes)) if a is not b] == moved
+        # to another dtype and back: the same key as before, but torch made the weight a new node
+        weight = model.text[0].weight
+        weight.data = weight.data.double()
+        weight.data = weight.data.float()
+        features, shared = model(batch)
+        backward(features["text"].sum() + features["image"].sum() + shared["scale"].sum(), len(params))
     finally:
         for hook in hooks:
             hook.remove()
+    with pytest.raises(RuntimeError, match="during backward"):  # as DeepSpeed's, outside a backward
+        used.count()
     # a non-leaf tensor among them: its node is new in every graph, so DeepSpeed's count runs
     leaf = torch.randn(3, requires_grad=True)
     derived = torch.randn(4, requires_grad=True) * 2.0

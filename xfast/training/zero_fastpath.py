@@ -135,9 +135,6 @@ def module_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params if visit(module) else list(module.parameters())
 
 
-
-
-
 def _unsupported(opt) -> str:
     """Why the fast path does not apply to this optimizer ('' when it does)."""
     from deepspeed.runtime.constants import PIPE_REPLICATED
@@ -303,33 +300,50 @@ class _UsedParameters:
     those the autograd engine will execute. The hook calls that module function itself, so it is
     replaced through the two instance methods around it: should_refresh_expected_hook_count says
     "no" and remembers that DeepSpeed would have counted, and update_hook_state_and_maybe_run_epilogue
-    then gets the count instead of the value the hook passed. The count is the same: the same nodes
-    (torch gives a leaf tensor the same accumulator node while one is alive, and this object holds
-    them, as DDP's reducer does; it makes a new one only after a change of dtype or device, so the
-    nodes are looked up again whenever a parameter's requires_grad, leafness, dtype or device
-    differs from the lookup's), asked the same question (torch._C._will_engine_execute_node), at
-    the same point of the same hook."""
+    then gets the count instead of the value the hook passed. The count is the same: the same
+    question (torch._C._will_engine_execute_node) about the same nodes, at the same point of the same
+    hook. Torch gives a leaf tensor the same accumulator node while one is alive, and this object
+    holds them (as DDP's reducer does); torch drops a tensor's node only when `.data` is set to
+    another dtype or device (even if set back later), and a graph built after that holds the new
+    node, so a held node the engine will not execute may be stale: that parameter's node is looked
+    up again, DeepSpeed's way, before it counts as unused (in training every parameter is used, so
+    nothing is looked up). Counted outside a backward it raises as DeepSpeed's does. One limit: a
+    dtype change between a forward and its backward (the graph holds the old node, DeepSpeed's
+    lookup finds a new one) would count that parameter where DeepSpeed does not."""
 
     def __init__(self, opt):
         # the hooks' list: parameters requiring grad when DeepSpeed registered them
         self.params = [p for group in opt.bit16_groups for p in group if p.requires_grad]
-        self.nodes: list = []
+        self.nodes: list = []  # each parameter's accumulator node, None where it needs no gradient
         self.looked_up_for = None
         self.pending = False
 
     def count(self) -> int:
+        from deepspeed.runtime.zero import stage_1_and_2 as zero12
         from torch.autograd.graph import _get_grad_fn_or_grad_acc
 
-        now = [(p.requires_grad, p.grad_fn is None, p.dtype, p.device) for p in self.params]
+        if torch._C._current_graph_task_id() == -1:
+            raise RuntimeError("count_used_parameters_in_backward must be called during backward execution")
+        now = [(p.requires_grad, p.grad_fn is None) for p in self.params]
         if now != self.looked_up_for:
-            from deepspeed.runtime.zero import stage_1_and_2 as zero12
-            if not all(leaf for _, leaf, _, _ in now):  # a non-leaf's node is new in every graph
+            if not all(leaf for _, leaf in now):  # a non-leaf's node is new in every graph
                 self.looked_up_for = None
                 return zero12.count_used_parameters_in_backward(self.params)
             with torch.enable_grad():
-                nodes = [_get_grad_fn_or_grad_acc(p) for p in self.params if p.requires_grad]
-            self.nodes, self.looked_up_for = list(dict.fromkeys(nodes)), now
-        return sum(map(torch._C._will_engine_execute_node, self.nodes))
+                self.nodes = [_get_grad_fn_or_grad_acc(p) if p.requires_grad else None for p in self.params]
+            self.looked_up_for = now
+        executes = torch._C._will_engine_execute_node
+        used = 0
+        for i, node in enumerate(self.nodes):
+            if node is None:
+                continue
+            if not executes(node):  # unused, or stale: torch's node for it now
+                with torch.enable_grad():
+                    node = self.nodes[i] = _get_grad_fn_or_grad_acc(self.params[i])
+                if not executes(node):
+                    continue
+            used += 1
+        return used
 
     def should_refresh(self, original):
         def should_refresh_expected_hook_count(opt):
