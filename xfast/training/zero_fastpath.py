@@ -85,6 +85,16 @@ def install(optimizer) -> tuple[list[str], str]:
             replaced.append(name)
         else:
             notes.append(f"{name} kept: {why_kept}")
+    if counted:  # the held accumulator nodes hold their parameters: destroying the optimizer lets them go
+        destroy = optimizer.destroy
+
+        def destroy_and_release_nodes(opt):
+            try:
+                destroy()
+            finally:
+                used.release()
+
+        optimizer.destroy = types.MethodType(destroy_and_release_nodes, optimizer)
     return replaced, "; ".join(notes)
 
 
@@ -344,6 +354,10 @@ class _UsedParameters:
                     continue
             used += 1
         return used
+
+    def release(self) -> None:
+        """Drop the parameters and nodes (engine.destroy(): a released Trainer frees its model)."""
+        self.params, self.nodes, self.looked_up_for, self.pending = [], [], None, False
 
     def should_refresh(self, original):
         def should_refresh_expected_hook_count(opt):
