@@ -20,8 +20,9 @@ install: .venv/.installed
 demo: install
 	$(PY) -m xfast.training.demo
 
+# --durations=30: every CI log lists the slowest tests.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # Everything but the tests marked slow or multiprocess (setup.cfg): under 2 minutes on 2 cores.
 test-fast: install

@@ -20,6 +20,7 @@ from xfast.training.engine import (  # noqa: E402
     build_engine,
     clip_like_deepspeed,
     deepspeed_config,
+    init_distributed,
 )
 from xfast.training.zero_fastpath import module_parameters  # noqa: E402
 
@@ -91,10 +92,12 @@ def _train(rank: int, world: int, stage: int, deepspeeds_own: bool, accumulation
 
 
 def _init_deepspeed():
-    import deepspeed.ops
+    """The training runs' process group (engine.init_distributed), on CPU without DeepSpeed's
+    JIT-built shared-memory op at any world size: ZeRO's collectives here go through gloo."""
+    from deepspeed.comm import comm
     os.environ["LOCAL_RANK"] = os.environ["RANK"]  # as a launcher sets it (run_ranks sets RANK)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build: plain gloo is enough here
-    deepspeed.init_distributed(verbose=False)
+    init_distributed()
+    assert comm.cdb.shm_comm_op is None and not hasattr(torch.ops.deepspeed, "inference_all_reduce_")
 
 
 def _compare_on_ranks(rank: int, world: int, stage: int, accumulation: int) -> None:

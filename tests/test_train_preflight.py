@@ -1,10 +1,8 @@
-"""Start-up checks (data paths, output folder, stale extension lock), metrics rows after a
+"""Start-up checks (data paths, output folder), metrics rows after a
 resume, and data draws that leave the global torch RNG alone."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from xfast.training.preflight import (
     check_free_space,
     check_shards,
     check_writable,
-    wait_for_extension_lock,
 )
 
 
@@ -87,42 +84,6 @@ def test_free_space_for_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(StartupError, match=r"2.9 MB per checkpoint"):
         check_free_space(root, parameters=100_000, keep_last=4, export=False)  # 4 more x 3 MB
     check_free_space(root, parameters=100_000, keep_last=3, export=False)  # 3 more x 3 MB
-
-
-def test_stale_extension_lock_is_named(tmp_path):
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    old = time.time() - 600
-    os.utime(lock, (old, old))
-    with pytest.raises(StartupError, match=f"{lock} is a stale lock .* delete it \\(rm {lock}\\)"):
-        wait_for_extension_lock(lock, grace_s=60, say=lambda m: None)
-
-
-def test_young_orphan_lock_is_waited_for_then_named(tmp_path):
-    lock = tmp_path / "lock"
-    lock.touch()
-    said = []
-    with pytest.raises(StartupError, match="stale lock"):
-        wait_for_extension_lock(lock, grace_s=0.3, poll_s=0.05, say=said.append)
-    assert len(said) == 1 and "waiting on" in said[0]
-
-
-def test_lock_held_by_a_live_build_is_left_alone(tmp_path):
-    lock = tmp_path / "lock"
-    lock.touch()
-    old = time.time() - 600
-    os.utime(lock, (old, old))
-    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(lock)!r}); print(1, flush=True); "
-                                                     "import time; time.sleep(60)"], stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()
-        said = []
-        wait_for_extension_lock(lock, grace_s=60, say=said.append)
-        assert said == [f"waiting for process {holder.pid} to finish building a DeepSpeed op ({lock})"]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def _rows(path: Path) -> list[dict]:

@@ -36,15 +36,14 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_PORT=str(free_port()))
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() == "cpu":
-        if os.environ["WORLD_SIZE"] == "1":
-            # DeepSpeed JIT-builds a shared-memory all-reduce op for CPU ranks (~30 s the first time,
-            # under a lock file a kill leaves behind); one process has nothing to reduce. DeepSpeed
-            # keeps its op-compatibility table in this module attribute and consults it on load.
-            import deepspeed.ops
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        else:
-            from xfast.training.preflight import shm_comm_lock, wait_for_extension_lock
-            wait_for_extension_lock(shm_comm_lock(), say=lambda m: print(f"xfast train: {m}", flush=True))
+        # DeepSpeed JIT-builds a shared-memory all-reduce op for CPU ranks (30-60 s per new venv,
+        # under a lock file a killed build leaves behind, on which every later run waits forever).
+        # Only its inference_all_reduce (tensor-parallel inference) calls that op: training's
+        # collectives (ZeRO's reduce-scatter and all-gather, the gradient all-reduce) go through
+        # torch.distributed (gloo) with or without it. DeepSpeed keeps its op-compatibility
+        # table in this module attribute and consults it on load.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 

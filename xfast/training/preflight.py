@@ -1,13 +1,11 @@
 """Start-up checks that fail in one line before the work they protect: every data path exists
 and holds samples (before the model is built), output_dir is writable and has room for the
-checkpoints (before the first step), and no stale lock of a killed extension build would make
-DeepSpeed wait forever (before the process group starts). Imports no torch: `xfast train`
+checkpoints (before the first step). Imports no torch: `xfast train`
 checks data paths with the config, before the model stack is loaded."""
 from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 from xfast.config import ConfigError
@@ -115,53 +113,3 @@ def check_free_space(checkpoints: Path, *, parameters: int, keep_last: int, expo
             f"{human_bytes(needed)} ({human_bytes(each)} per checkpoint, checkpoint.keep_last={keep_last} "
             f"plus one being written" + (f", fp32 export {human_bytes(export_bytes)}" if export else "")
             + "): free space, lower checkpoint.keep_last or choose another output_dir")
-
-
-# Extension build lock ----------------------------------------------------------------------
-
-def lock_holders(lock: Path) -> list[int]:
-    """Processes of this machine (that we may inspect) with `lock` open."""
-    target = str(lock.resolve())
-    pids = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
-
-
-def wait_for_extension_lock(lock: Path, *, grace_s: float = 60.0, poll_s: float = 1.0, say=print) -> None:
-    """torch's extension builder waits, silently and forever, while `lock` exists; a build
-    killed midway leaves it behind. A lock that no process of this machine holds open and that
-    is older than `grace_s` (a build on another node of a shared home would keep touching
-    its folder) is stale: raise StartupError naming the file to delete. A lock held open is a
-    build in progress: say so once and let it finish."""
-    announced = False
-    while lock.exists():
-        holders = [pid for pid in lock_holders(lock) if pid != os.getpid()]
-        if holders:
-            if not announced:
-                say(f"waiting for process {holders[0]} to finish building a DeepSpeed op ({lock})")
-            return
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > grace_s:
-            raise StartupError(f"{lock} is a stale lock left by a DeepSpeed op build that was killed "
-                               f"({age:.0f} s old, no process holds it); every run waits on it forever: "
-                               f"delete it (rm {lock}) and start again")
-        if not announced:
-            say(f"waiting on {lock} (no process of this machine holds it; stale after {grace_s:.0f} s)")
-            announced = True
-        time.sleep(poll_s)
-
-
-def shm_comm_lock() -> Path:
-    """The lock file DeepSpeed's CPU shared-memory comm op is built under."""
-    from torch.utils.cpp_extension import _get_build_directory
-    return Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
