@@ -14,6 +14,10 @@ best-of over separate timings mostly measures luck); best / best is kept as a se
                 its cells share nothing, so they never wait for one another, unlike the
                 kernel's). A loss that recomputes its logits in the backward cannot do
                 less work.
+  tiled_floor_3 the same with 3 GEMMs per tile: the least work of a loss that computes its
+                gradients in the forward from one stored slab of logits, as xfast's rows-only
+                SimCSE does on CPU (the kernel's forward_rows_with_gradients); its ratio is
+                the x_tiled_floor_3 column
   materialised  the same four GEMMs with N x M outputs in memory (DRAM traffic and page
                 faults): not a floor, the cost of writing the logits out
   reference     plain PyTorch materialising the logits (what open_clip and
@@ -51,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rounds import balanced_orders, balanced_rounds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("xfast", "tiled_floor", "materialised", "reference")
-FLOOR_GEMMS = 4  # forward S, backward S (recomputed), dX, dY
+METHODS = ("xfast", "tiled_floor", "tiled_floor_3", "materialised", "reference")
+FLOOR_GEMMS = {"tiled_floor": 4,  # forward S, backward S (recomputed), dX, dY
+               "tiled_floor_3": 3}  # S once (stored), dX, dY
 
 
 def machine() -> dict:
@@ -112,11 +117,11 @@ def make_step(loss: str, method: str, n: int, d: int):
     x, y, hn = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_()
                 for _ in range(3))
     scale = torch.tensor(1 / 0.07, requires_grad=True)
-    if method in ("tiled_floor", "materialised"):
+    if method in ("tiled_floor", "tiled_floor_3", "materialised"):
         cols = (torch.cat([y, hn]) if loss == "simcse_hn" else y).detach()
         xd = x.detach()
-        if method == "tiled_floor":
-            return lambda: cpu.tile_gemm_floor(xd, cols, FLOOR_GEMMS)
+        if method in FLOOR_GEMMS:
+            return lambda: cpu.tile_gemm_floor(xd, cols, FLOOR_GEMMS[method])
 
         def materialised():
             s = xd @ cols.T
@@ -211,27 +216,32 @@ def measure(loss: str, n: int, d: int, methods: list[str], rounds: int, memory: 
             continue
         row.update(seconds[row["method"]])
         row["gflops"] = 8 * n * columns * d / row["seconds"] / 1e9
-        if memory and row["method"] != "tiled_floor":  # the floor holds one tile per thread
+        if memory and row["method"] not in FLOOR_GEMMS:  # a floor holds one tile per thread
             row.update(subprocess_json(["--memory-worker", loss, row["method"], str(n), str(d)]))
     floor = next((r for r in rows if r["method"] == "tiled_floor" and "seconds" in r), None)
+    floor3 = next((r for r in rows if r["method"] == "tiled_floor_3" and "seconds" in r), None)
     for row in rows:
         if floor and "seconds" in row:
             row.update(paired_ratios(row, floor))
+        if floor3 and "seconds" in row and loss == "simcse_hn":  # CLIP needs the columns' logsumexps: 4 GEMMs
+            row["x_tiled_floor_3"] = statistics.median(
+                a / b for a, b in zip(row["round_seconds"], floor3["round_seconds"]))
     return rows
 
 
 def table(rows: list[dict], runs: list[dict]) -> str:
     lines = ["| loss | N | d | method | best round (s) | x tiled floor, median of rounds | lowest-highest round "
-             "| best / best | x tiled floor in CPU time, median | GFLOP/s (best round) | extra MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| best / best | x tiled floor in CPU time, median | x 3-GEMM floor, median | GFLOP/s (best round) | extra MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r, key, spec=".2f": format(r[key], spec) if key in r else "-"
     for r in rows:
         if "seconds" not in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | | | | |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r.get('error', '')} | | | | | | | |")
             continue
         spread = f"{r['x_tiled_floor_low']:.2f}-{r['x_tiled_floor_high']:.2f}" if "x_tiled_floor_low" in r else "-"
         lines.append(f"| {r['loss']} | {r['N']} | {r['d']} | {r['method']} | {r['seconds']:.3f} | {fmt(r, 'x_tiled_floor')} "
-                     f"| {spread} | {fmt(r, 'x_tiled_floor_best')} | {fmt(r, 'cpu_x_tiled_floor')} | {r['gflops']:.0f} "
+                     f"| {spread} | {fmt(r, 'x_tiled_floor_best')} | {fmt(r, 'cpu_x_tiled_floor')} | {fmt(r, 'x_tiled_floor_3')} "
+                     f"| {r['gflops']:.0f} "
                      f"| {fmt(r, 'extra_mb', '.0f')} |")
     lines.append("")
     for i, run in enumerate(runs):
@@ -251,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = sorted({(r["loss"], r["d"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (loss, d) in zip(axes[0], panels):
-        for method, style in zip(METHODS, ("o-", "^:", "v:", "s--")):
+        for method, style in zip(METHODS, ("o-", "^:", "<:", "v:", "s--")):
             pts = sorted((r["N"], r["seconds"]) for r in rows
                          if (r["loss"], r["d"], r["method"]) == (loss, d, method) and "seconds" in r)
             if pts:
@@ -333,7 +343,8 @@ def main(argv=None) -> int:
                         f", {row['x_tiled_floor']:.2f}x tiled floor (median of rounds, {row['x_tiled_floor_low']:.2f}-"
                         f"{row['x_tiled_floor_high']:.2f}; best/best {row['x_tiled_floor_best']:.2f}; "
                         f"{row['cpu_x_tiled_floor']:.2f}x in CPU time)"
-                        if "x_tiled_floor" in row else "")
+                        if "x_tiled_floor" in row else "") + (
+                        f", {row['x_tiled_floor_3']:.2f}x 3-GEMM floor" if "x_tiled_floor_3" in row else "")
                     print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
                 write(out, runs, kept + rows)
     print()
@@ -362,7 +373,7 @@ def write(out: Path, runs: list[dict], rows: list[dict]) -> None:
     with out.with_suffix(".csv").open("w", newline="") as f:
         keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "x_tiled_floor_low",
                 "x_tiled_floor_high", "x_tiled_floor_best", "cpu_seconds", "cpu_x_tiled_floor",
-                "cpu_x_tiled_floor_low", "cpu_x_tiled_floor_high", "cpu_x_tiled_floor_best",
+                "cpu_x_tiled_floor_low", "cpu_x_tiled_floor_high", "cpu_x_tiled_floor_best", "x_tiled_floor_3",
                 "gflops", "extra_mb", "error", "run"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()

@@ -254,6 +254,114 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
   return {dx, dy_transposed ? dy_t.t().contiguous() : dy, at::full({}, ds, x.options())};
 }
 
+// Runs task(worker, i) for i in [0, count), taken from a shared counter by up to `threads`
+// workers. A task's result must not depend on which worker runs it (scratch only): then the
+// results are the same however the tasks are handed out.
+template <typename F>
+void for_each_task(int64_t threads, int64_t count, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t w0, int64_t w1) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(w, i);
+  });
+}
+
+// Rows of dX computed by one task of the slab's third step (a fixed count, so that the GEMM
+// shapes, hence the rounding, do not depend on the thread count).
+constexpr int64_t kPieceRows = 64;
+
+// Row logsumexp AND its gradients for row-only losses (SimCSE), with every row weighed
+// equally (dL/drow_lse = 1): 3 GEMM-equivalents instead of the forward's one plus the
+// backward's three. Rows go in slabs of slab_rows x M, stored chunk by chunk (chunk j holds
+// columns [j * chunk_cols, ...) as a contiguous rows x cols tile, the tile kernels' layout):
+//   1. per chunk (in parallel): S = scale * X_slab Y_j^T into the slab, its row (m, l) accumulators;
+//      then each row's logsumexp, exact, merging the chunks in order;
+//   2. per chunk: P = exp(S + B - lse) in place (the backward tile kernel, g_row = 1), its
+//      share of sum(P * S), and dY_j += scale * P_j^T X_slab (each chunk owns its rows of dY);
+//   3. per piece of kPieceRows rows: dX_piece = scale * sum_j P_j[piece] Y_j.
+// Extra memory: the slab (slab_rows * M values, whatever the thread count) and O(chunk_cols)
+// per thread. Every task's result is independent of the thread that runs it and every sum is
+// taken in a fixed order, so results are bitwise reproducible for a given thread count.
+// Returns row_lse, dX, dY and sum(P * S) (the three gradients for dL/drow_lse = 1, dscale =
+// sum(P * S)); a caller whose upstream gradient is c for every row scales them by c.
+template <typename T>
+std::vector<at::Tensor> rows_with_gradients_impl(const at::Tensor& x, const at::Tensor& y, double scale_d,
+                                                 double bias_d, int64_t offset, int64_t slab_rows,
+                                                 int64_t chunk_cols) {
+  const T scale = kernel_scale<T>(scale_d), bias = kernel_bias<T>(bias_d);
+  const auto& kernels = tile_kernels<T>();
+  const auto opts = x.options();
+  const int64_t n = x.size(0), m = y.size(0), threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t h = std::max<int64_t>(1, std::min(slab_rows, n)), chunks = (m + chunk_cols - 1) / chunk_cols;
+  const bool dy_transposed = x.size(1) <= 128;  // as in backward_impl
+  const int64_t dy_t_ld = m + 64 / static_cast<int64_t>(sizeof(T));
+  at::Tensor row_lse = at::empty({n}, opts), dx = at::empty_like(x);
+  at::Tensor dy = dy_transposed ? at::Tensor() : at::zeros_like(y);
+  at::Tensor dy_t = dy_transposed ? at::zeros({y.size(1), dy_t_ld}, opts).narrow(1, 0, m) : at::Tensor();
+  at::Tensor slab = at::empty({h * chunks * chunk_cols}, opts);
+  at::Tensor scratch = at::empty({std::min(threads, std::max<int64_t>(chunks, 1)), 2 * chunk_cols + h}, opts);
+  std::vector<T> chunk_m(chunks * h), chunk_l(chunks * h), diag(h), ones(h, T(1));
+  std::vector<double> ds_chunk(chunks);
+  double ds = 0;
+  T* lse = row_lse.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < n; r0 += h) {
+    const int64_t rows = std::min(h, n - r0);
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    const auto tile = [&](int64_t j, int64_t r, int64_t count) {  // rows [r, r + count) of chunk j
+      const int64_t cols = std::min(chunk_cols, m - j * chunk_cols);
+      return slab.narrow(0, j * h * chunk_cols + r * cols, count * cols).view({count, cols});
+    };
+    for_each_task(threads, chunks, [&](int64_t w, int64_t j) {
+      const int64_t c0 = j * chunk_cols, diag_col0 = r0 + offset - c0;
+      at::Tensor z = tile(j, 0, rows);
+      const int64_t cols = z.size(1);
+      scaled_dot_products(z, xb, y.narrow(0, c0, cols), scale);
+      // The forward tile kernel adds the bias in place; the second step needs Z without it,
+      // bitwise as the GEMM wrote it: keep the biased elements (at most one per row) aside.
+      T* zp = z.data_ptr<T>();
+      const int64_t first = std::max<int64_t>(0, -diag_col0), last = std::min(rows, cols - diag_col0);
+      if (bias != T(0))
+        for (int64_t r = first; r < last; ++r) diag[r] = zp[r * cols + diag_col0 + r];
+      T* cm = chunk_m.data() + j * h;
+      T* cl = chunk_l.data() + j * h;
+      std::fill(cm, cm + rows, -std::numeric_limits<T>::infinity());
+      std::fill(cl, cl + rows, T(0));
+      kernels.forward(zp, rows, cols, bias, diag_col0, cm, cl, nullptr, nullptr, scratch[w].data_ptr<T>());
+      if (bias != T(0))
+        for (int64_t r = first; r < last; ++r) zp[r * cols + diag_col0 + r] = diag[r];
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      T mr = -std::numeric_limits<T>::infinity(), lr = 0;
+      for (int64_t j = 0; j < chunks; ++j) xfast::merge_lse(mr, lr, chunk_m[j * h + r], chunk_l[j * h + r]);
+      lse[r0 + r] = mr + std::log(lr);
+    }
+    for_each_task(threads, chunks, [&](int64_t w, int64_t j) {
+      const int64_t c0 = j * chunk_cols;
+      at::Tensor p = tile(j, 0, rows);
+      const int64_t cols = p.size(1);
+      ds_chunk[j] = kernels.backward(p.data_ptr<T>(), rows, cols, bias, r0 + offset - c0, lse + r0, nullptr,
+                                     ones.data(), nullptr, scratch[w].data_ptr<T>());
+      if (dy_transposed)
+        dy_t.narrow(1, c0, cols).addmm_(xb.t(), p, 1, scale);
+      else
+        dy.narrow(0, c0, cols).addmm_(p.t(), xb, 1, scale);
+    });
+    for (int64_t j = 0; j < chunks; ++j) ds += ds_chunk[j];
+    for_each_task(threads, (rows + kPieceRows - 1) / kPieceRows, [&](int64_t, int64_t i) {
+      const int64_t r = i * kPieceRows, count = std::min(kPieceRows, rows - r);
+      at::Tensor dxp = dx.narrow(0, r0 + r, count);
+      for (int64_t j = 0; j < chunks; ++j) {
+        const at::Tensor pj = tile(j, r, count);
+        at::addmm_out(dxp, dxp, pj, y.narrow(0, j * chunk_cols, pj.size(1)), /*beta=*/j == 0 ? 0 : 1, scale);
+      }
+    });
+  }
+  if (chunks == 0) { dx.zero_(); row_lse.fill_(-std::numeric_limits<T>::infinity()); }
+  return {row_lse, dx, dy_transposed ? dy_t.t().contiguous() : dy,
+          at::full({}, ds / static_cast<double>(scale), opts)};
+}
+
 // The kernel's GEMMs and nothing else: gemms_per_tile products X_blk @ Y_tile^T into each
 // thread's one reused tile, over the same cells and tiles. With 4 per tile it is the compute
 // floor of forward+backward (benchmarks/bench_losses.py). Its cells share no accumulator, so
@@ -295,6 +403,15 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& y, double
   return forward_impl<float>(x, y, scale, diag_bias, diag_offset, with_cols, p);
 }
 
+std::vector<at::Tensor> rows_with_gradients(const at::Tensor& x, const at::Tensor& y, double scale, double diag_bias,
+                                            int64_t diag_offset, int64_t slab_rows, int64_t chunk_cols) {
+  check_inputs(x, y);
+  TORCH_CHECK(slab_rows > 0 && chunk_cols > 0, "slab_rows and chunk_cols must be positive");
+  if (x.scalar_type() == at::kDouble)
+    return rows_with_gradients_impl<double>(x, y, scale, diag_bias, diag_offset, slab_rows, chunk_cols);
+  return rows_with_gradients_impl<float>(x, y, scale, diag_bias, diag_offset, slab_rows, chunk_cols);
+}
+
 std::vector<at::Tensor> backward(const at::Tensor& x, const at::Tensor& y, double scale,
                                  double diag_bias, int64_t diag_offset,
                                  const at::Tensor& row_lse,
@@ -326,6 +443,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("diag_bias"), py::arg("diag_offset"),
         py::arg("row_lse"), py::arg("col_lse"), py::arg("grad_row"), py::arg("grad_col"),
         py::arg("block_rows"), py::arg("block_cols"));
+  m.def("similarity_lse_rows_with_gradients", &rows_with_gradients,
+        "row logsumexp of scale * x @ y.T + diag bias and its gradients (dx, dy, d/dscale) for unit row weights",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("diag_bias"), py::arg("diag_offset"),
+        py::arg("slab_rows"), py::arg("chunk_cols"));
   m.def("tile_gemm_floor", &tile_gemm_floor,
         "only the kernel's GEMMs: gemms_per_tile x @ y.T tiles into one reused tile per thread",
         py::arg("x"), py::arg("y"), py::arg("gemms_per_tile"), py::arg("block_rows"), py::arg("block_cols"));

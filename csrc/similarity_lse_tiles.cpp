@@ -55,14 +55,6 @@ template <> struct Limits<float> { static constexpr float kMargin = 50.0f; };   
 template <> struct Limits<double> { static constexpr double kMargin = 600.0; };  // 600 + 40 < 708
 
 template <typename T>
-inline void merge_lse(T& m, T& l, T m_new, T l_new) {
-  if (l_new == T(0)) return;
-  if (l == T(0)) { m = m_new; l = l_new; return; }
-  if (m_new > m) { l = l * std::exp(m - m_new) + l_new; m = m_new; }
-  else { l = l + l_new * std::exp(m_new - m); }
-}
-
-template <typename T>
 inline void forward_tile(T* z, int64_t rows, int64_t cols, T diag_bias, int64_t diag_col0, T* row_m, T* row_l,
                          T* col_m, T* col_l, T* scratch) {
   const bool with_cols = col_m != nullptr;

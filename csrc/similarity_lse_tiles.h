@@ -6,6 +6,7 @@
 // CPU feature (not vendor), so AMD and Intel machines get the same code path.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -29,6 +30,15 @@ struct TileKernels {
   // v[i] = exp(v[i]) for n values <= 0: the exp the tile loops use (its error bound is tested).
   void (*exp)(T* v, int64_t n);
 };
+
+// Folds (m_new, l_new) into the running logsumexp accumulator (m, l) = m + log(l).
+template <typename T>
+inline void merge_lse(T& m, T& l, T m_new, T l_new) {
+  if (l_new == T(0)) return;
+  if (l == T(0)) { m = m_new; l = l_new; return; }
+  if (m_new > m) { l = l * std::exp(m - m_new) + l_new; m = m_new; }
+  else { l = l + l_new * std::exp(m_new - m); }
+}
 
 // The variant in use: "avx512", "avx2_fma" or "baseline" (float32; float64 is always baseline).
 const char* tile_isa();

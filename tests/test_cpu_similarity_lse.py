@@ -332,3 +332,132 @@ def test_cell_schedule_is_bitwise_reproducible(threads):
     plain = lse_reference(x, y, torch.tensor(20.0), 1.5, n, g_row, g_col)
     for what, a, p, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), runs[0], plain, exact):
         assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
+
+
+# Rows only (SimCSE): with a gradient to come, the kernel computes the row logsumexps and the
+# gradients for unit row weights in one pass over a slab of logits (3 GEMMs, not 4), and
+# backward scales them by the rows' common upstream gradient; any other upstream gradient
+# takes the recompute path.
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the CPU kernel's calls by entry: eager (rows with gradients), forward, backward;
+    the rows path with gradients is taken at every d (by default only where it is faster)."""
+    calls = {"eager": 0, "forward": 0, "backward": 0}
+    monkeypatch.setattr(cpu_similarity_lse, "EAGER_ROWS_MIN_DIM", 1)
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name, attr in (("eager", "forward_rows_with_gradients"), ("forward", "forward"), ("backward", "backward")):
+        monkeypatch.setattr(cpu_similarity_lse, attr, spy(name, getattr(cpu_similarity_lse, attr)))
+    return calls
+
+
+def rows_case(n, m, d, scale, norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = embeddings(n, d, seed=seed), embeddings(m, d, seed=seed + 1)
+    if norm != 1.0:
+        x = x * (norm * torch.rand(n, 1, generator=g, dtype=torch.float64))
+        y = y * (norm * torch.rand(m, 1, generator=g, dtype=torch.float64))
+    return x, y, torch.tensor(scale, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,m,d,scale,norm,bias", CASES)
+def test_rows_with_gradients_match_float64(n, m, d, scale, norm, bias, kernel_calls, restore_isa):
+    # A common upstream gradient that is not 1 (a mean over rows times a loss weight).
+    x, y, s = rows_case(n, m, d, scale, norm, seed=n + m + d)
+    offset = m - n if bias else 0
+    weight = 0.37
+    g_row = torch.full((n,), weight, dtype=torch.float64)
+    exact = lse_reference(x, y, s, bias, offset, g_row, torch.zeros(m, dtype=torch.float64))
+    f32 = [t.float() for t in (x, y, s)]
+    plain = lse_reference(*f32, bias, offset, g_row.float(), torch.zeros(m))
+    for isa in _C.supported_tile_isas():
+        _C.select_tile_isa(isa)
+        before = dict(kernel_calls)
+        ours = lse_kernel(*f32, bias, offset, g_row.float(), None, with_cols=False)
+        assert kernel_calls["eager"] == before["eager"] + 1 and kernel_calls["backward"] == before["backward"], \
+            "the rows-only loss did not take the 3-GEMM path"
+        for what, a, p, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), ours, plain, exact):
+            if a is not None:
+                assert_within_torch_error(a, p, e, f"{isa} {what}", floor=1e-5 * (1 + e.abs().max().item()))
+    # float64 through the same path agrees with the reference to rounding.
+    ours64 = lse_kernel(x, y, s, bias, offset, g_row, None, with_cols=False)
+    for what, a, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), ours64, exact):
+        if a is not None:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda msg, what=what: f"{what}: {msg}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_with_gradients_slabs_and_chunks(threads):
+    # Small slabs and chunks so that every step runs over several ragged slabs, chunks and dX
+    # pieces (100 rows per slab: 64 + 36; 300 columns per chunk), the biased diagonal crossing
+    # chunk borders; bitwise the same on every run at a given thread count.
+    n, m, d = 333, 1001, 40
+    x, y, s = rows_case(n, m, d, 20.0, 1.0, seed=21)
+    xf, yf = x.float(), y.float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        runs = [_C.similarity_lse_rows_with_gradients(xf, yf, 20.0, 1.5, m - n, 100, 300) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for what, a, b in zip(("row_lse", "dx", "dy", "dscale"), runs[0], run):
+            assert torch.equal(a, b), f"{threads} threads: {what} differs between two runs"
+    ones = torch.ones(n, dtype=torch.float64)
+    exact = lse_reference(x, y, s, 1.5, m - n, ones, torch.zeros(m, dtype=torch.float64))
+    plain = lse_reference(xf, yf, s.float(), 1.5, m - n, ones.float(), torch.zeros(m))
+    ours = runs[0]
+    for what, a, p, e in zip(("row_lse", "dx", "dy", "dscale"), ours, (plain[0], *plain[2:]), (exact[0], *exact[2:])):
+        assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
+    # float64: to rounding.
+    ours64 = _C.similarity_lse_rows_with_gradients(x, y, 20.0, 1.5, m - n, 100, 300)
+    for what, a, e in zip(("row_lse", "dx", "dy", "dscale"), ours64, (exact[0], *exact[2:])):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda msg, what=what: f"{what}: {msg}")
+
+
+def test_rows_with_uneven_upstream_gradients_recompute(kernel_calls):
+    # similarity_lse is generic: rows weighed differently cannot use the unit-weight gradients,
+    # and backward recomputes them (correctly) from the saved logsumexps.
+    x, y, s = rows_case(120, 250, 24, 20.0, 1.0, seed=5)
+    g_row = torch.rand(120, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    exact = lse_reference(x, y, s, 0.8, 130, g_row, torch.zeros(250, dtype=torch.float64))
+    ours = lse_kernel(x, y, s, 0.8, 130, g_row, None, with_cols=False)
+    assert kernel_calls == {"eager": 1, "forward": 0, "backward": 1}
+    for what, a, e in zip(("row_lse", "col_lse", "dx", "dy", "dscale"), ours, exact):
+        if a is not None:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda msg, what=what: f"{what}: {msg}")
+
+
+def test_rows_without_a_gradient_do_no_gradient_work(kernel_calls):
+    x, y, s = rows_case(50, 90, 16, 20.0, 1.0, seed=8)
+    expected = lse_reference(x, y, s, 0.0, 0, torch.ones(50, dtype=torch.float64), torch.zeros(90, dtype=torch.float64))
+    with torch.no_grad():
+        row, _ = similarity_lse(x.requires_grad_(), y, s, with_cols=False, backend="cpu")
+    row2, _ = similarity_lse(x.detach(), y, s, with_cols=False, backend="cpu")  # nothing requires grad
+    assert kernel_calls == {"eager": 0, "forward": 2, "backward": 0}
+    for r in (row, row2):
+        torch.testing.assert_close(r, expected[0], rtol=1e-10, atol=1e-12)
+
+
+def test_rows_with_gradients_retain_graph_and_double_backward(kernel_calls):
+    x, y, s = rows_case(60, 130, 12, 20.0, 1.0, seed=9)
+    x, y, s = (t.clone().requires_grad_() for t in (x, y, s))
+    row, _, target = similarity_lse(x, y, s, with_cols=False, target_offset=0, diag_bias=0.5, diag_offset=60,
+                                    backend="cpu")
+    loss = (row - target).mean()
+    first = torch.autograd.grad(loss, (x, y, s), retain_graph=True)
+    second = torch.autograd.grad(3 * loss, (x, y, s))  # the retained gradients, not scaled in place
+    for a, b in zip(first, second):
+        torch.testing.assert_close(3 * a, b, rtol=1e-12, atol=1e-15)
+    # A second derivative is refused, not silently wrong: scaling the unit-weight gradients by
+    # an upstream gradient that itself depends on s would record only part of the graph.
+    row, _ = similarity_lse(x, y, s, with_cols=False, backend="cpu")
+    (gx,) = torch.autograd.grad(row.mean() * s, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    assert kernel_calls["eager"] == 2 and kernel_calls["backward"] == 0

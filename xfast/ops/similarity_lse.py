@@ -8,7 +8,11 @@ B[i, diag_offset + i] = diag_bias, returns
 
 without storing Z. InfoNCE in both directions, SimCSE with weighted hard negatives and label
 smoothing are these two vectors plus O(N*d) terms (see clip_loss.py, simcse_loss.py).
-Gradients flow to x, y and s; a backend kernel only ever needs the saved logsumexps.
+Gradients flow to x, y and s; a backend kernel only ever needs the saved logsumexps. Rows
+only on one process (SimCSE): a kernel that has forward_rows_with_gradients (the CPU one)
+computes the gradients for unit row weights in the forward when a gradient will be wanted (3
+GEMMs instead of 4); backward scales them when every row's upstream gradient is the same (a
+sum or mean over rows) and recomputes them otherwise. Not twice differentiable (a clear error).
 
 Precision: x and y reach the kernels (and, with a process group, the wire) in their own
 dtype, 16-bit included; the kernels accumulate in float32 (float64 for float64). The
@@ -19,6 +23,7 @@ input dtype once, at the end of backward.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from xfast.backends import accumulation_dtype, local_backend
 from xfast.kernels import kernel_for
@@ -52,11 +57,19 @@ LOCAL = LocalExchange()
 
 class SimilarityLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, scale, diag_bias, diag_offset, with_cols, target_offset, kernel, exchange, operand_dtype):
+    def forward(ctx, x, y, scale, diag_bias, diag_offset, with_cols, target_offset, kernel, exchange, operand_dtype,
+                eager_rows):
         ctx.set_materialize_grads(False)
         ctx.grad_dtypes = (x.dtype, y.dtype)
         x, y = x.detach().to(operand_dtype), y.detach().to(operand_dtype)  # no copy when already so
-        row_lse, col_lse, state = exchange.forward(kernel, x, y, scale.detach(), diag_bias, diag_offset, with_cols)
+        if eager_rows:
+            # Rows only, local, gradients wanted: the kernel gives the gradients for unit row
+            # weights with the logsumexps (3 GEMMs instead of 4); backward scales them.
+            row_lse, *eager = kernel.forward_rows_with_gradients(x, y, scale.detach(), diag_bias, diag_offset)
+            col_lse, state = None, (None,)
+        else:
+            row_lse, col_lse, state = exchange.forward(kernel, x, y, scale.detach(), diag_bias, diag_offset, with_cols)
+            eager = (None,) * 3
         target_dot = None
         if target_offset is not None:
             # <x_i, y_{offset+i}> as a batched dot: no N x d temporary.
@@ -64,14 +77,16 @@ class SimilarityLSE(torch.autograd.Function):
             y_t = y.narrow(0, target_offset, x.shape[0]).to(acc)
             target_dot = torch.bmm(x.to(acc).unsqueeze(1), y_t.unsqueeze(2)).view(-1)
         # The state may hold outputs (col_lse): save_for_backward keeps them without a cycle.
-        ctx.save_for_backward(x, y, scale, row_lse, target_dot, *state)
+        ctx.save_for_backward(x, y, scale, row_lse, target_dot, *eager, *state)
         ctx.args = (diag_bias, diag_offset, with_cols, target_offset, kernel, exchange)
         target = None if target_dot is None else scale.detach() * target_dot
         return row_lse, col_lse, target
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_row, grad_col, grad_target):
-        x, y, scale, row_lse, target_dot, *state = ctx.saved_tensors
+        x, y, scale, row_lse, target_dot, *saved = ctx.saved_tensors
+        eager, state = saved[:3], saved[3:]
         diag_bias, diag_offset, with_cols, target_offset, kernel, exchange = ctx.args
         x, y = x.detach(), y.detach()
         if exchange.collective:
@@ -82,8 +97,13 @@ class SimilarityLSE(torch.autograd.Function):
         acc = row_lse.dtype
         if grad_row is None and grad_col is None:
             if grad_target is None:
-                return (None,) * 10
+                return (None,) * 11
             dx, dy, dscale = torch.zeros_like(x, dtype=acc), torch.zeros_like(y, dtype=acc), scale.new_zeros((), dtype=acc)
+        elif eager[0] is not None and grad_row.numel() and bool((grad_row == grad_row[0]).all()):
+            # Every row weighed the same (a mean or sum over rows): scale the forward's
+            # gradients, out of place (a retained graph may run backward again).
+            weight = grad_row[0].to(acc)
+            dx, dy, dscale = (t * weight for t in eager)
         else:
             contiguous = lambda t: None if t is None else t.contiguous()
             dx, dy, dscale = exchange.backward(kernel, x, y, scale.detach(), diag_bias, diag_offset, row_lse,
@@ -97,7 +117,7 @@ class SimilarityLSE(torch.autograd.Function):
             dscale = dscale + (grad_target * target_dot).sum()
         dscale = dscale.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None
         # The one rounding of the gradients to the input dtype.
-        return dx.to(ctx.grad_dtypes[0]), dy.to(ctx.grad_dtypes[1]), dscale, *(None,) * 7
+        return dx.to(ctx.grad_dtypes[0]), dy.to(ctx.grad_dtypes[1]), dscale, *(None,) * 8
 
 
 def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, diag_bias: float = 0.0,
@@ -132,7 +152,12 @@ def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, dia
             target_offset=target_offset, operand_dtype=operand_dtype or x.dtype)
         return (row_lse, col_lse) if target_offset is None else (row_lse, col_lse, target)
     kernel = kernel_for(name, x.device)
+    # Rows only on one process with a gradient to come: the kernel can compute the gradients
+    # in the forward (see SimilarityLSE.forward); without a gradient it does no gradient work.
+    eager_rows = (not with_cols and exchange is None and hasattr(kernel, "forward_rows_with_gradients")
+                  and kernel.eager_rows_pays(x.shape[1])
+                  and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale)))
     row_lse, col_lse, target = SimilarityLSE.apply(
         x, y, scale, float(diag_bias), int(diag_offset), bool(with_cols), target_offset, kernel, exchange or LOCAL,
-        operand_dtype or x.dtype)
+        operand_dtype or x.dtype, eager_rows)
     return (row_lse, col_lse) if target_offset is None else (row_lse, col_lse, target)
