@@ -59,8 +59,9 @@ EAGER_ROWS_MIN_DIM = 256
 
 
 def eager_rows_pays(d: int) -> bool:
-    """Whether forward_rows_with_gradients is the faster path at embedding dim d."""
-    return d >= EAGER_ROWS_MIN_DIM
+    """Whether forward_rows_with_gradients is the faster path at embedding dim d (False with an
+    extension built before that entry existed: a checkout updated without rebuilding keeps working)."""
+    return d >= EAGER_ROWS_MIN_DIM and hasattr(_C, "similarity_lse_rows_with_gradients")
 
 
 def forward_rows_with_gradients(x, y, scale, diag_bias, diag_offset):
