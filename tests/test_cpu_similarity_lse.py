@@ -461,3 +461,31 @@ def test_rows_with_gradients_retain_graph_and_double_backward(kernel_calls):
     with pytest.raises(RuntimeError, match="differentiate twice"):
         gx.sum().backward()
     assert kernel_calls["eager"] == 2 and kernel_calls["backward"] == 0
+
+
+def test_rows_path_memory_is_one_slab_whatever_the_thread_count(kernel_calls):
+    # The rows path stores one slab of 256 x M logits, never N x M, and nothing per thread but
+    # the tile kernels' O(512) scratch: 8 threads (forced, even on 2 cores) allocate what 1 does.
+    n, m, d = 4096, 4096, 256
+    x, y = embeddings(n, d, seed=3).float().requires_grad_(), embeddings(m, d, seed=4).float().requires_grad_()
+    s = torch.tensor(20.0, requires_grad=True)
+
+    def step():
+        x.grad = y.grad = s.grad = None
+        row, _ = similarity_lse(x, y, s, with_cols=False, backend="cpu")
+        row.mean().backward()
+
+    threads = torch.get_num_threads()
+    try:
+        allocated = {}
+        for t in (1, 8):
+            torch.set_num_threads(t)
+            step()  # warm-up outside the profiler
+            allocated[t] = allocated_bytes(step)
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel_calls["eager"] == 4 and kernel_calls["backward"] == 0
+    gradients, slab = (n + m) * d * 4, cpu_similarity_lse.BLOCK_ROWS * m * 4
+    # the unit-weight gradients kept by the forward, their scaled copies, the slab, O(N + M) rest
+    assert 2 * gradients <= allocated[1] < 2 * gradients + slab + 2**20, f"{allocated[1]} bytes (N x M: {n * m * 4})"
+    assert allocated[8] - allocated[1] < 2**16, f"8 threads allocate {allocated[8] - allocated[1]} more bytes than 1"

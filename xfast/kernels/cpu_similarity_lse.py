@@ -53,8 +53,9 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols):
 
 # The rows-only path with gradients in the forward (3 GEMMs instead of 4) stores a slab of logits
 # and reads it back twice: it pays where the GEMMs dominate and costs more than it saves where
-# the exps and that memory traffic weigh most. Measured (2 threads, AVX2, SimCSE N = 8192): d = 512
-# 0.85x the recompute path's time, d = 64 1.09x (README, "Loss benchmark").
+# the exps and that memory traffic weigh most. Measured (2 threads, AVX2, SimCSE with hard negatives,
+# N = 8192, paired in one process): 0.85x the recompute path's time at d = 512, 0.94x at d = 256,
+# 1.03x at d = 128, 1.09x at d = 64 (benchmarks/README.md, "Loss benchmark (CPU)").
 EAGER_ROWS_MIN_DIM = 256
 
 
