@@ -7,6 +7,12 @@ Every backend module exposes the same three functions (see xfast/ops/similarity_
     backward(x, y, scale, diag_bias, diag_offset, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None)
         -> (dx, dy, dscale)
 
+and may add (the CPU backend does) a rows-only forward that also returns the gradients for
+unit row weights, used by similarity_lse when eager_rows_pays(d):
+
+    forward_rows_with_gradients(x, y, scale, diag_bias, diag_offset) -> (row_lse, dx, dy, dscale)
+    eager_rows_pays(d) -> bool
+
 x and y may be bfloat16/float16 (the kernels accumulate in float32), float32 or float64.
 dx and dy come back in grad_dtype, default the input dtype: callers that add them to other
 partial gradients (a ring's blocks, a reduce-scatter over ranks, the positives' term) ask for
