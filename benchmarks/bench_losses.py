@@ -25,7 +25,8 @@ best-of over separate timings mostly measures luck); best / best is kept as a se
 Times are the best round in wall seconds and, separately, in CPU seconds of the process (all
 threads; it leaves out time spent waiting for a core on a busy machine); every round's times
 are in the JSON.
-GFLOP/s counts the 8 * N * M * d flops of the four GEMMs (wall time); "peak" is the best rate this
+GFLOP/s counts the 8 * N * M * d flops of four GEMMs (wall time; tiled_floor_3: its three, and
+xfast's SimCSE at d >= 256 does three, so its figure is a rate of 4-GEMM work); "peak" is the best rate this
 machine's sgemm reaches on cache-resident shapes (the kernel's tile with d = 64 ... 1024,
 one 1024^3 product). "Extra MB" is the growth of peak RSS during one forward+backward in a
 fresh process (it includes the N x d gradients).
@@ -215,7 +216,7 @@ def measure(loss: str, n: int, d: int, methods: list[str], rounds: int, memory: 
             row["error"] = seconds["error"]
             continue
         row.update(seconds[row["method"]])
-        row["gflops"] = 8 * n * columns * d / row["seconds"] / 1e9
+        row["gflops"] = 2 * FLOOR_GEMMS.get(row["method"], 4) * n * columns * d / row["seconds"] / 1e9
         if memory and row["method"] not in FLOOR_GEMMS:  # a floor holds one tile per thread
             row.update(subprocess_json(["--memory-worker", loss, row["method"], str(n), str(d)]))
     floor = next((r for r in rows if r["method"] == "tiled_floor" and "seconds" in r), None)
