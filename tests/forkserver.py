@@ -1,4 +1,4 @@
-"""`python -m MODULE ARGS` many times without paying for MODULE's imports each time.
+"""`python -m MODULE ARGS` (or `python -c CODE ARGS`) many times without paying for MODULE's imports each time.
 
 A training run of the tiny test models takes a few seconds; importing torch, transformers,
 DeepSpeed and the trainer takes about ten on 2 cores. The end-to-end tests start dozens of
@@ -39,18 +39,20 @@ def _status(status: int) -> int:
 
 
 def _child(request: dict) -> None:
-    """In a child forked by the server: become `python -m MODULE ARGV` and exit with its status."""
+    """In a child forked by the server: become `python -m MODULE ARGV` (or `python -c CODE ARGV`)
+    and exit with its status."""
     opened = [os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
               os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
     if request.get("new_session"):
         os.setsid()  # its own process group, as Popen(start_new_session=True): killpg reaches its children
-    _become(request["module"], request["argv"], request["cwd"], request["env"], *opened)
+    _become(request["module"], request["argv"], request["cwd"], request["env"], *opened, code=request.get("code"))
 
 
-def _become(module: str, argv: list[str], cwd: str, env: dict, stdout_fd: int, stderr_fd: int) -> None:
-    """In a forked child: run `python -m MODULE ARGV` in `cwd` with exactly `env` and these output
-    descriptors, then exit with its status (never returns)."""
-    code = 1
+def _become(module: str | None, argv: list[str], cwd: str, env: dict, stdout_fd: int, stderr_fd: int,
+            code: str | None = None) -> None:
+    """In a forked child: run `python -m MODULE ARGV` (module None: `python -c CODE ARGV`) in `cwd`
+    with exactly `env` and these output descriptors, then exit with its status (never returns)."""
+    status = 1
     try:
         os.chdir(cwd)
         os.environ.clear()
@@ -61,17 +63,21 @@ def _become(module: str, argv: list[str], cwd: str, env: dict, stdout_fd: int, s
         for fd in {devnull, stdout_fd, stderr_fd} - {0, 1, 2}:
             os.close(fd)
         sys.stdin = open(0, closefd=False)  # the parent's stdin may have been a request pipe
-        sys.argv = ["-m", *argv]
+        sys.argv = ["-m" if code is None else "-c", *argv]
         import runpy
         try:
-            runpy._run_module_as_main(module)  # what `python -m MODULE` calls
-            code = 0
+            if code is None:
+                runpy._run_module_as_main(module)  # what `python -m MODULE` calls
+            else:  # what `python -c CODE` does: CODE runs as __main__, the working folder first on sys.path
+                sys.path.insert(0, "")
+                exec(compile(code, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            status = 0
         except SystemExit as stop:
             if stop.code is None or isinstance(stop.code, int):
-                code = stop.code or 0
+                status = stop.code or 0
             else:
                 print(stop.code, file=sys.stderr)
-                code = 1
+                status = 1
         # The interpreter's own exit sequence: join non-daemon threads, run atexit handlers
         # (multiprocessing's terminates DataLoader workers).
         threading._shutdown()
@@ -86,7 +92,7 @@ def _become(module: str, argv: list[str], cwd: str, env: dict, stdout_fd: int, s
                 stream.flush()
             except Exception:
                 pass
-        os._exit(code)
+        os._exit(status)
 
 
 def _fork_check() -> str | None:
@@ -236,6 +242,15 @@ class ForkServer:
     def run(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str],
             timeout: float | None = None) -> subprocess.CompletedProcess:
         return self.start(module, argv, cwd=cwd, env=env).result(timeout)
+
+    def run_code(self, code: str, argv: list[str], *, cwd: Path, env: dict[str, str],
+                 timeout: float | None = None) -> subprocess.CompletedProcess:
+        """`python -c code argv`, forked: for probes that need a process of their own (a Trainer
+        sets process-wide state) but not a fresh interpreter's imports."""
+        out = [Path(tempfile.mkstemp(prefix="forkserver_", suffix=suffix)[1]) for suffix in (".out", ".err")]
+        pid = self._ask({"op": "start", "module": None, "code": code, "argv": [str(a) for a in argv], "cwd": str(cwd),
+                         "env": env, "stdout": str(out[0]), "stderr": str(out[1])})["pid"]
+        return Child(self, pid, [sys.executable, "-c", code, *argv], *out).result(timeout)
 
     def close(self) -> None:
         self.process.stdin.close()

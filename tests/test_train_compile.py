@@ -11,8 +11,6 @@ import copy
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -109,10 +107,23 @@ def test_resuming_with_compile_switched_says_so(tmp_path):
 
 # -- the compiled step (slow: one compile for the module)
 
+# The demo data of the compiled runs: its tokenizer's vocabulary sets the embedding's shape, part of
+# every compiled graph. test_train_release's compiled Trainer uses the same, and so finds them compiled.
+DEMO = {"train": 48, "test": 12, "sentences": 20, "seed": 5}
+
+
+def compile_threads() -> int:
+    """torch's thread count in every compiling process here: what a one-rank Trainer without loader
+    workers takes (train.process.torch_threads). Inductor's CPU kernels are generated for it, so it
+    is part of their cache key."""
+    from xfast.training.process import torch_threads
+    return torch_threads(1, 0)
+
+
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile") / "demo"
-    demo_data.generate(root, train=48, test=12, sentences=20, seed=5)
+    demo_data.generate(root, **DEMO)
     return root
 
 
@@ -174,20 +185,22 @@ def _accumulated_step(model, micro, seed: int):
 def models(demo_root):
     """Eager float32, eager float64 and compiled float32 copies of one tiny model (dropout on).
 
-    The module runs under train.deterministic's settings (make_deterministic), as the Trainer
-    of the runs below and STEP_PROBE do: inductor keys its on-disk cache on them (and on torch's
-    thread count), so those processes find the graphs compiled here instead of compiling their
-    own. The settings before are restored afterwards."""
+    The module runs under train.deterministic's settings (make_deterministic) and compile_threads(),
+    as the Trainer of the runs below and STEP_PROBE do: inductor keys its on-disk cache on them, so
+    those processes find the graphs compiled here instead of compiling their own. The settings
+    before are restored afterwards."""
     from xfast.training.engine import make_deterministic
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.utils.deterministic.fill_uninitialized_memory)
+              torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())
     make_deterministic()
+    torch.set_num_threads(compile_threads())
     eager = _model(demo_root / "tokenizer")
     compiled = copy.deepcopy(eager)
     compiled.compile_towers()
     yield eager, copy.deepcopy(eager).double(), compiled
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     torch.utils.deterministic.fill_uninitialized_memory = before[2]
+    torch.set_num_threads(before[3])
 
 
 ULP = torch.finfo(torch.float32).eps
@@ -405,16 +418,18 @@ def _assert_steps_agree(eager_delta: dict, compiled_delta: dict, eager, referenc
         assert (compiled_delta[key] - eager_delta[key]).abs().max().item() <= bound, (key, e, s)
 
 
-# One compiled DeepSpeed ZeRO-2 step in a fresh interpreter (its RNG, dynamo and inductor state all
-# new): the model of _model, the batches of _batches; writes the weights' change.
+# One compiled DeepSpeed ZeRO-2 step in a fresh process (forked from the `launcher`, which imported
+# the training stack and ran no torch op: its RNG, dynamo and inductor state all new): the model of
+# _model, the batches of _batches; writes the weights' change.
 STEP_PROBE = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from tests.test_train_compile import _batches, _engine_step, _model
+    from tests.test_train_compile import _batches, _engine_step, _model, compile_threads
     from xfast.training.engine import init_distributed, make_deterministic
     tokenizer, out = sys.argv[1:3]
     init_distributed()
     make_deterministic()  # as the `models` fixture: the graphs it compiled are in inductor's cache
+    torch.set_num_threads(compile_threads())
     model = _model(Path(tokenizer))
     model.compile_towers()
     torch.save(_engine_step(model, _batches(model, 2), stage=2), out)
@@ -423,7 +438,7 @@ STEP_PROBE = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_eager_and_compiled_processes_draw_the_same_dropout_masks(demo_root, tmp_path):
+def test_eager_and_compiled_processes_draw_the_same_dropout_masks(demo_root, tmp_path, launcher):
     """A compiled step, the first thing a fresh process runs (the compile happens inside the
     step, between the accumulation's two forwards of a micro-batch), and an eager one from the
     same seed: the same weights within the rounding bound of the in-process test. Masks drawn
@@ -434,8 +449,7 @@ def test_eager_and_compiled_processes_draw_the_same_dropout_masks(demo_root, tmp
     from xfast.training.engine import init_distributed
     env = dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = tmp_path / "compiled.pt"
-    result = subprocess.run([sys.executable, "-c", STEP_PROBE, str(demo_root / "tokenizer"), str(out)],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = launcher.run_code(STEP_PROBE, [demo_root / "tokenizer", out], cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     init_distributed()
     eager = _model(demo_root / "tokenizer")
@@ -461,21 +475,29 @@ def test_compiled_run_killed_then_resumed_ends_bit_equal_to_an_uninterrupted_one
     cfg["data"]["batch_size"] = 8
     cfg_path = workdir / "compiled.json"
     cfg_path.write_text(json.dumps(cfg))
-    runs = {}
-    for name, fault in (("uninterrupted", None), ("killed", "train.step@5")):
-        runs[name] = workdir / name
+    runs = {name: workdir / name for name in ("uninterrupted", "killed")}
+
+    def start(name, fault=None):
         env = dict(clean_env(), **({"XFAST_FAULT": fault} if fault else {}))
-        result = launcher.run("xfast.train", train_args(cfg_path, f"output_dir={runs[name]}"), cwd=workdir, env=env,
-                              timeout=600)
-        if fault:
-            assert result.returncode == -9, result.stderr[-4000:]
-        else:
-            assert result.returncode == 0, result.stderr[-4000:]
-    assert (runs["killed"] / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    resumed = launcher.run("xfast.train", train_args(cfg_path, f"output_dir={runs['killed']}"), cwd=workdir,
-                           env=clean_env(), timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr + resumed.stdout
+        return launcher.start("xfast.train", train_args(cfg_path, f"output_dir={runs[name]}"), cwd=workdir, env=env)
+
+    # The uninterrupted run goes side by side with the killed one and its resume (own processes and
+    # folders, the same thread count: the same arithmetic); most of a run here is single-threaded
+    # Python (dynamo's tracing, loading inductor's cached graphs).
+    uninterrupted = start("uninterrupted")
+    try:
+        killed = start("killed", "train.step@5").result(timeout=600)
+        assert killed.returncode == -9, killed.stderr[-4000:]
+        assert (runs["killed"] / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+        resumed = start("killed").result(timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert "resumed from" in resumed.stderr + resumed.stdout
+        done = uninterrupted.result(timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    finally:
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
     a, b = final_weights(runs["uninterrupted"]), final_weights(runs["killed"])
     assert a.keys() == b.keys()
     for key in a:

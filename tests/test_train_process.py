@@ -160,8 +160,9 @@ def test_frozen_objects_keep_their_pages_shared_with_a_forked_worker():
     assert frozen["frozen"] >= 300_000 and plain["frozen"] == 0
 
 
-# Runs in a fresh interpreter (a Trainer sets process-wide state: the process group, threads):
-# a reference cycle alive while a Trainer is built, dropped afterwards, must still be collected.
+# Runs in a process of its own (a Trainer sets process-wide state: the process group, threads),
+# forked from the `launcher` (it froze nothing): a reference cycle alive while a Trainer is built,
+# dropped afterwards, must still be collected.
 TRAINER_PROBE = textwrap.dedent("""
     import gc, json, sys, weakref
     from xfast.config import parse
@@ -188,15 +189,14 @@ TRAINER_PROBE = textwrap.dedent("""
 """)
 
 
-def test_a_trainer_leaves_the_garbage_collector_alone(tmp_path):
+@pytest.mark.multiprocess
+def test_a_trainer_leaves_the_garbage_collector_alone(tmp_path, launcher):
     """gc.freeze would keep every cycle alive at that moment forever (modules, engines, anything
     the caller holds): the Trainer class leaves it to the one-run entry point, so a process that
     builds several Trainers (a notebook, a sweep, a test session) still frees its garbage."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", TRAINER_PROBE, str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=env)
+    from tests.test_train_run import clean_env
+    out = launcher.run_code(TRAINER_PROBE, [tmp_path], cwd=tmp_path, timeout=300,
+                            env=dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"frozen": 0, "cycle_freed": True}, result

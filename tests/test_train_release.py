@@ -1,22 +1,21 @@
 """A Trainer used as a library: close() / `with` / dropping it frees its engine, optimizer state,
 model and loader workers, and a second Trainer in the same process trains exactly as the first.
 
-Each case runs in a fresh interpreter (a Trainer sets process-wide state: the process group,
-torch's threads, deterministic algorithms). Without the release, at ZeRO-1/2 the ZeRO
-optimizer's gradient hooks keep the model alive: torch's C++ autograd nodes hold them (and the
-parameters) out of the garbage collector's sight. ZeRO-0 was freed without it; it is tested for
+Each case runs in a process of its own (a Trainer sets process-wide state: the process group,
+torch's threads, deterministic algorithms), forked from the `launcher` (tests/forkserver.py),
+which imported the training stack once and ran no torch op. Without the release, at ZeRO-1/2
+the ZeRO optimizer's gradient hooks keep the model alive: torch's C++ autograd nodes hold them
+(and the parameters) out of the garbage collector's sight. ZeRO-0 was freed without it; it is tested for
 the release's other parts and so that it stays so.
 """
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.test_train_compile import DEMO, compile_threads
 from xfast.training import demo_data
 from xfast.training.trainer import CLOSED
 
@@ -28,7 +27,7 @@ PROBE = textwrap.dedent("""
     from xfast.training.trainer import Trainer
     from tests.test_train_run import tiny_config
 
-    root, compiled, cases = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(",")
+    root, compiled, cases, threads = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(","), int(sys.argv[4])
 
     def config(name):
         raw = tiny_config(f"{root}/demo/images/train", f"{root}/demo/tokenizer", deepspeed={"zero_stage": stage},
@@ -36,6 +35,8 @@ PROBE = textwrap.dedent("""
         return parse(TrainConfig, dict(raw, output_dir=f"{root}/{name}"), "config")
 
     def steps(trainer):
+        if threads:
+            torch.set_num_threads(threads)
         losses = [float(trainer.train_step().loss) for _ in range(3)]
         weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
         held = [weakref.ref(x) for x in (trainer.engine, trainer.engine.optimizer, trainer.model,
@@ -79,21 +80,24 @@ PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
+    """test_train_compile's demo data (its tokenizer fixes the compiled graphs' shapes)."""
     root = tmp_path_factory.mktemp("release")
-    demo_data.generate(root / "demo", train=16, test=4, sentences=4, seed=1)
+    demo_data.generate(root / "demo", **DEMO)
     return root
 
 
-def _probe(root: Path, name: str, compiled: bool, cases: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+def _probe(launcher, root: Path, name: str, compiled: bool, cases: list[str]) -> dict:
+    from tests.test_train_run import clean_env
     out_dir = root / name
     out_dir.mkdir()
     (out_dir / "demo").symlink_to(root / "demo")
-    result = subprocess.run([sys.executable, "-c", PROBE, str(out_dir), str(int(compiled)), ",".join(cases)],
-                            capture_output=True, text=True, timeout=600, env=env)
+    # Compiled: the thread count test_train_compile compiles with, set after each Trainer is built
+    # (a key of inductor's cache): on the same data and settings its graphs need no second cold
+    # compile here. What this test checks does not depend on the thread count.
+    threads = compile_threads() if compiled else 0
+    result = launcher.run_code(PROBE, [out_dir, int(compiled), ",".join(cases), threads], cwd=root,
+                               env=dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+                               timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -112,10 +116,10 @@ def _check(result: dict, how: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root):
+def test_a_released_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, launcher):
     """ZeRO-0 closed, ZeRO-2 in a `with` block, ZeRO-2 dropped: two Trainers each, in one process."""
     cases = ["0:close", "2:with", "2:drop"]
-    results = _probe(demo_root, "eager", False, cases)
+    results = _probe(launcher, demo_root, "eager", False, cases)
     for case in cases:
         _check(results[case], case.split(":")[1])
 
@@ -143,8 +147,8 @@ def test_release_frees_the_engine_even_when_a_part_fails_to_close():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root):
+def test_a_released_compiled_trainer_frees_its_model_and_the_next_one_trains_the_same(demo_root, launcher):
     """Dynamo's caches (kept on the code objects it compiled) do not keep the towers alive, and the
     second Trainer's compile gives the same steps. ZeRO-2 only: what the stage changes (the ZeRO
     optimizer's hooks) is the eager test's; a ZeRO-0 case would add ~20 s and nothing else."""
-    _check(_probe(demo_root, "compiled", True, ["2:close"])["2:close"], "close")
+    _check(_probe(launcher, demo_root, "compiled", True, ["2:close"])["2:close"], "close")
