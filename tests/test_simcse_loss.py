@@ -70,6 +70,27 @@ def test_low_precision_error_within_twice_torch(backend, dtype):
         assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_rows_path_low_precision_error_within_twice_torch(dtype, monkeypatch):
+    # d >= 256: the CPU kernel's rows path (gradients computed in the forward, 3 GEMMs), with
+    # 16-bit inputs computed in float32; the loss's mean gives every row the same weight.
+    from xfast.kernels import cpu_similarity_lse
+
+    calls = []
+    eager = cpu_similarity_lse.forward_rows_with_gradients
+    monkeypatch.setattr(cpu_similarity_lse, "forward_rows_with_gradients", lambda *a: calls.append(1) or eager(*a))
+    n, d = 300, 256
+    z1, z2, z3 = (embeddings(n, d, seed=s).to(dtype) for s in (14, 15, 16))
+    tau = torch.tensor(0.05)
+    exact = reference64(z1, z2, z3, tau, hard_negative_weight=0.5)
+    ours = loss_and_grads(xfast.simcse_loss, z1, z2, z3, tau, hard_negative_weight=0.5, backend="cpu")
+    plain = loss_and_grads(reference.simcse_loss, z1, z2, z3, tau.to(dtype), hard_negative_weight=0.5)
+    assert calls == [1], "the rows path was not taken"
+    assert all(g.dtype == dtype for g in (ours[1], ours[2], ours[4])), "embedding gradients in the input dtype"
+    for what, a, p, e in zip(NAMES, ours, plain, exact):
+        assert_within_torch_error(a, p, e, what, floor=1e-5 * (1 + e.abs().max().item()))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "dense", "triton"])
 def test_no_overflow_at_tiny_temperature(backend):
     z1, z2, z3 = (embeddings(16, 8, seed=s).float() for s in (7, 8, 9))

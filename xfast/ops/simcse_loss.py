@@ -23,6 +23,9 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, hard_negatives: torch.Tensor
     SimCSE paper's code. temperature may be a tensor that requires grad.
     group, mode, grad_reduction: as in clip_loss; with a group the columns are every rank's
     [z2 | hard_negatives] (see xfast/distributed/__init__.py).
+    On CPU at d >= 256 (one process), a call with grad enabled and inputs that require grad
+    computes the gradients in its forward (3 GEMM-equivalents for loss and gradients, not 4):
+    compute a loss you will not backpropagate under torch.no_grad().
     """
     columns = (z2,) if hard_negatives is None else (z2, hard_negatives)
 
