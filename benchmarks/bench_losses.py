@@ -8,6 +8,10 @@ to the tiled floor is taken per round and its median over the rounds is the repo
 with the lowest and highest round (on this kind of machine the same code runs up to 20% slower from one minute to the next, so a
 best-of over separate timings mostly measures luck); best / best is kept as a second figure:
   xfast         the fused CPU backend (tiled C++ kernel, never stores N x M)
+  xfast_rows    xfast with SimCSE's rows path (gradients in the forward, 3 GEMMs) forced on,
+  xfast_recompute  and forced off (the 4-GEMM path); xfast takes the rows path where
+                cpu_similarity_lse.eager_rows_pays says so. Each method's ratio to
+                xfast_recompute is the x_recompute column (the A/B behind that rule)
   tiled_floor   the same FLOPs as the kernel's four N x M x d GEMMs, done as the kernel does
                 them: 4 * (N/256) * (M/512) GEMMs of 256 x d x 512 into one reused 256 x 512
                 tile per thread (cache-resident outputs, same threads, cells and tiles;
@@ -17,7 +21,7 @@ best-of over separate timings mostly measures luck); best / best is kept as a se
   tiled_floor_3 the same with 3 GEMMs per tile: the least work of a loss that computes its
                 gradients in the forward from one stored slab of logits, as xfast's rows-only
                 SimCSE does on CPU (the kernel's forward_rows_with_gradients); its ratio is
-                the x_tiled_floor_3 column
+                the x_tiled_floor_3 column, filled where xfast takes that path
   materialised  the same four GEMMs with N x M outputs in memory (DRAM traffic and page
                 faults): not a floor, the cost of writing the logits out
   reference     plain PyTorch materialising the logits (what open_clip and
@@ -25,8 +29,8 @@ best-of over separate timings mostly measures luck); best / best is kept as a se
 Times are the best round in wall seconds and, separately, in CPU seconds of the process (all
 threads; it leaves out time spent waiting for a core on a busy machine); every round's times
 are in the JSON.
-GFLOP/s counts the 8 * N * M * d flops of four GEMMs (wall time; tiled_floor_3: its three, and
-xfast's SimCSE at d >= 256 does three, so its figure is a rate of 4-GEMM work); "peak" is the best rate this
+GFLOP/s counts the flops each method does (wall time): 8 * N * M * d for four GEMMs, 6 * N * M * d
+for tiled_floor_3 and for xfast's SimCSE where it takes the rows path; "peak" is the best rate this
 machine's sgemm reaches on cache-resident shapes (the kernel's tile with d = 64 ... 1024,
 one 1024^3 product). "Extra MB" is the growth of peak RSS during one forward+backward in a
 fresh process (it includes the N x d gradients).
@@ -56,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rounds import balanced_orders, balanced_rounds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("xfast", "tiled_floor", "tiled_floor_3", "materialised", "reference")
+METHODS = ("xfast", "xfast_rows", "xfast_recompute", "tiled_floor", "tiled_floor_3", "materialised", "reference")
+FORCED_ROWS_PATH = {"xfast_rows": True, "xfast_recompute": False}
 FLOOR_GEMMS = {"tiled_floor": 4,  # forward S, backward S (recomputed), dX, dY
                "tiled_floor_3": 3}  # S once (stored), dX, dY
 
@@ -129,14 +134,20 @@ def make_step(loss: str, method: str, n: int, d: int):
             s @ cols, s.T @ xd, xd @ cols.T
         return materialised
 
-    backend = "cpu" if method == "xfast" else "reference"
+    backend = "reference" if method == "reference" else "cpu"
+    rows_path = cpu.eager_rows_pays
 
     def step():
-        if loss == "clip":
-            out = xfast.clip_loss(x, y, scale, backend=backend)
-        else:
-            out = xfast.simcse_loss(x, y, hn, temperature=0.05, hard_negative_weight=1.0, backend=backend)
-        out.backward()
+        if method in FORCED_ROWS_PATH:
+            cpu.eager_rows_pays = lambda d, m: FORCED_ROWS_PATH[method]
+        try:
+            if loss == "clip":
+                out = xfast.clip_loss(x, y, scale, backend=backend)
+            else:
+                out = xfast.simcse_loss(x, y, hn, temperature=0.05, hard_negative_weight=1.0, backend=backend)
+            out.backward()
+        finally:
+            cpu.eager_rows_pays = rows_path
         x.grad = y.grad = hn.grad = scale.grad = None
     return step
 
@@ -197,7 +208,12 @@ def subprocess_json(args: list[str]) -> dict:
 
 
 def measure(loss: str, n: int, d: int, methods: list[str], rounds: int, memory: bool) -> list[dict]:
+    from xfast.kernels import cpu_similarity_lse as cpu
+
     columns = 2 * n if loss == "simcse_hn" else n
+    # SimCSE is rows only: where the kernel takes its rows path, xfast does 3 GEMMs, not 4.
+    rows_path = loss == "simcse_hn" and cpu.eager_rows_pays(d, columns)
+    took_rows_path = {"xfast_rows"} | ({"xfast"} if rows_path else set()) if loss == "simcse_hn" else set()
     rows, timed = [], []
     for m in methods:
         row = {"loss": loss, "method": m, "N": n, "columns": columns, "d": d}
@@ -216,17 +232,22 @@ def measure(loss: str, n: int, d: int, methods: list[str], rounds: int, memory: 
             row["error"] = seconds["error"]
             continue
         row.update(seconds[row["method"]])
-        row["gflops"] = 2 * FLOOR_GEMMS.get(row["method"], 4) * n * columns * d / row["seconds"] / 1e9
+        gemms = FLOOR_GEMMS.get(row["method"], 3 if row["method"] in took_rows_path else 4)
+        row["gflops"] = 2 * gemms * n * columns * d / row["seconds"] / 1e9
         if memory and row["method"] not in FLOOR_GEMMS:  # a floor holds one tile per thread
             row.update(subprocess_json(["--memory-worker", loss, row["method"], str(n), str(d)]))
     floor = next((r for r in rows if r["method"] == "tiled_floor" and "seconds" in r), None)
     floor3 = next((r for r in rows if r["method"] == "tiled_floor_3" and "seconds" in r), None)
+    recompute = next((r for r in rows if r["method"] == "xfast_recompute" and "seconds" in r), None)
+    median_ratio = lambda row, other: statistics.median(a / b for a, b in zip(row["round_seconds"], other["round_seconds"]))
     for row in rows:
         if floor and "seconds" in row:
             row.update(paired_ratios(row, floor))
-        if floor3 and "seconds" in row and loss == "simcse_hn":  # CLIP needs the columns' logsumexps: 4 GEMMs
-            row["x_tiled_floor_3"] = statistics.median(
-                a / b for a, b in zip(row["round_seconds"], floor3["round_seconds"]))
+        if floor3 and "seconds" in row and (row["method"] in took_rows_path or row["method"] in FLOOR_GEMMS
+                                            and took_rows_path & set(methods)):  # the floor of the rows path
+            row["x_tiled_floor_3"] = median_ratio(row, floor3)
+        if recompute and "seconds" in row:
+            row["x_recompute"] = median_ratio(row, recompute)
     return rows
 
 
@@ -262,7 +283,7 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = sorted({(r["loss"], r["d"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (loss, d) in zip(axes[0], panels):
-        for method, style in zip(METHODS, ("o-", "^:", "<:", "v:", "s--")):
+        for method, style in zip(METHODS, ("o-", "o--", "o:", "^:", "<:", "v:", "s--")):
             pts = sorted((r["N"], r["seconds"]) for r in rows
                          if (r["loss"], r["d"], r["method"]) == (loss, d, method) and "seconds" in r)
             if pts:
@@ -345,7 +366,8 @@ def main(argv=None) -> int:
                         f"{row['x_tiled_floor_high']:.2f}; best/best {row['x_tiled_floor_best']:.2f}; "
                         f"{row['cpu_x_tiled_floor']:.2f}x in CPU time)"
                         if "x_tiled_floor" in row else "") + (
-                        f", {row['x_tiled_floor_3']:.2f}x 3-GEMM floor" if "x_tiled_floor_3" in row else "")
+                        f", {row['x_tiled_floor_3']:.2f}x 3-GEMM floor" if "x_tiled_floor_3" in row else "") + (
+                        f", {row['x_recompute']:.3f}x xfast_recompute" if "x_recompute" in row else "")
                     print(f"{loss:>9} N={n:<6} d={d:<5} {row['method']:<12} {status}", flush=True)
                 write(out, runs, kept + rows)
     print()
@@ -374,7 +396,7 @@ def write(out: Path, runs: list[dict], rows: list[dict]) -> None:
     with out.with_suffix(".csv").open("w", newline="") as f:
         keys = ["loss", "method", "N", "columns", "d", "seconds", "x_tiled_floor", "x_tiled_floor_low",
                 "x_tiled_floor_high", "x_tiled_floor_best", "cpu_seconds", "cpu_x_tiled_floor",
-                "cpu_x_tiled_floor_low", "cpu_x_tiled_floor_high", "cpu_x_tiled_floor_best", "x_tiled_floor_3",
+                "cpu_x_tiled_floor_low", "cpu_x_tiled_floor_high", "cpu_x_tiled_floor_best", "x_tiled_floor_3", "x_recompute",
                 "gflops", "extra_mb", "error", "run"]
         writer = csv.DictWriter(f, fieldnames=keys, restval="", extrasaction="ignore")
         writer.writeheader()

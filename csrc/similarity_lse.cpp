@@ -267,8 +267,8 @@ void for_each_task(int64_t threads, int64_t count, const F& task) {
   });
 }
 
-// Rows of dX computed by one task of the slab's third step (a fixed count, so that the GEMM
-// shapes, hence the rounding, do not depend on the thread count).
+// Rows of dX computed by one task of the slab's third step (a fixed count: the task grid does
+// not depend on the thread count).
 constexpr int64_t kPieceRows = 64;
 
 // Row logsumexp AND its gradients for row-only losses (SimCSE), with every row weighed

@@ -341,9 +341,10 @@ def test_cell_schedule_is_bitwise_reproducible(threads):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the CPU kernel's calls by entry: eager (rows with gradients), forward, backward;
-    the rows path with gradients is taken at every d (by default only where it is faster)."""
+    the rows path with gradients is taken at every size and thread count (by default only where
+    it is faster: test_rows_path_gate)."""
     calls = {"eager": 0, "forward": 0, "backward": 0}
-    monkeypatch.setattr(cpu_similarity_lse, "EAGER_ROWS_MIN_DIM", 1)
+    monkeypatch.setattr(cpu_similarity_lse, "eager_rows_pays", lambda d, m: True)
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -365,7 +366,8 @@ def rows_case(n, m, d, scale, norm, seed):
     return x, y, torch.tensor(scale, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("n,m,d,scale,norm,bias", CASES)
+# d = 256: the branch that accumulates dY untransposed (the one the library takes, d >= 256).
+@pytest.mark.parametrize("n,m,d,scale,norm,bias", CASES + [(140, 600, 256, 20.0, 1.0, 1.0)])
 def test_rows_with_gradients_match_float64(n, m, d, scale, norm, bias, kernel_calls, restore_isa):
     # A common upstream gradient that is not 1 (a mean over rows times a loss weight).
     x, y, s = rows_case(n, m, d, scale, norm, seed=n + m + d)
@@ -391,12 +393,13 @@ def test_rows_with_gradients_match_float64(n, m, d, scale, norm, bias, kernel_ca
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda msg, what=what: f"{what}: {msg}")
 
 
+@pytest.mark.parametrize("d", [40, 256], ids=["dy-transposed", "dy"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_rows_with_gradients_slabs_and_chunks(threads):
+def test_rows_with_gradients_slabs_and_chunks(threads, d):
     # Small slabs and chunks so that every step runs over several ragged slabs, chunks and dX
     # pieces (100 rows per slab: 64 + 36; 300 columns per chunk), the biased diagonal crossing
     # chunk borders; bitwise the same on every run at a given thread count.
-    n, m, d = 333, 1001, 40
+    n, m = 333, 1001
     x, y, s = rows_case(n, m, d, 20.0, 1.0, seed=21)
     xf, yf = x.float(), y.float()
     before = torch.get_num_threads()
@@ -489,3 +492,20 @@ def test_rows_path_memory_is_one_slab_whatever_the_thread_count(kernel_calls):
     # the unit-weight gradients kept by the forward, their scaled copies, the slab, O(N + M) rest
     assert 2 * gradients <= allocated[1] < 2 * gradients + slab + 2**20, f"{allocated[1]} bytes (N x M: {n * m * 4})"
     assert allocated[8] - allocated[1] < 2**16, f"8 threads allocate {allocated[8] - allocated[1]} more bytes than 1"
+
+
+def test_rows_path_gate(monkeypatch):
+    # Taken where it was measured faster (d >= 256, 2 threads), never where threads would idle.
+    monkeypatch.setattr(cpu_similarity_lse, "_C", _C)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_similarity_lse.eager_rows_pays(512, 16384) and cpu_similarity_lse.eager_rows_pays(256, 1024)
+        assert not cpu_similarity_lse.eager_rows_pays(128, 16384)  # the exps and the slab's traffic weigh more
+        assert not cpu_similarity_lse.eager_rows_pays(512, 512)  # one chunk: one thread would idle
+        torch.set_num_threads(8)
+        assert not cpu_similarity_lse.eager_rows_pays(512, 16384)  # dX in 4 tasks per slab
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(cpu_similarity_lse, "_C", object())  # an extension built before the entry
+    assert not cpu_similarity_lse.eager_rows_pays(512, 16384)

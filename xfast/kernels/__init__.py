@@ -8,10 +8,10 @@ Every backend module exposes the same three functions (see xfast/ops/similarity_
         -> (dx, dy, dscale)
 
 and may add (the CPU backend does) a rows-only forward that also returns the gradients for
-unit row weights, used by similarity_lse when eager_rows_pays(d):
+unit row weights, used by similarity_lse when eager_rows_pays(d, m) (embedding dim, columns):
 
     forward_rows_with_gradients(x, y, scale, diag_bias, diag_offset) -> (row_lse, dx, dy, dscale)
-    eager_rows_pays(d) -> bool
+    eager_rows_pays(d, m) -> bool
 
 x and y may be bfloat16/float16 (the kernels accumulate in float32), float32 or float64.
 dx and dy come back in grad_dtype, default the input dtype: callers that add them to other

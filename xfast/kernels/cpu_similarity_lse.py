@@ -55,14 +55,24 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols):
 # and reads it back twice: it pays where the GEMMs dominate and costs more than it saves where
 # the exps and that memory traffic weigh most. Measured (2 threads, AVX2, SimCSE with hard negatives,
 # N = 8192, paired in one process): 0.85x the recompute path's time at d = 512, 0.94x at d = 256,
-# 1.03x at d = 128, 1.09x at d = 64 (benchmarks/README.md, "Loss benchmark (CPU)").
+# 1.03x at d = 128, 1.09x at d = 64 (benchmarks/README.md, "Loss benchmark (CPU)"; rerun with
+# `python benchmarks/bench_losses.py --sizes 8192 --dims 128 256 512 --losses simcse_hn
+# --methods xfast_rows xfast_recompute --rounds 6 --no-memory`).
 EAGER_ROWS_MIN_DIM = 256
+# Its tasks: M / 512 column chunks (GEMM and exps) and 4 pieces of dX per 256-row slab, each on
+# one thread. With more threads than that they would idle where the 4-GEMM cell schedule keeps
+# every thread busy, and it was measured at 2 threads only: at most 4 threads, and at least one
+# chunk per thread.
+EAGER_ROWS_MAX_THREADS = 4
 
 
-def eager_rows_pays(d: int) -> bool:
-    """Whether forward_rows_with_gradients is the faster path at embedding dim d (False with an
-    extension built before that entry existed: a checkout updated without rebuilding keeps working)."""
-    return d >= EAGER_ROWS_MIN_DIM and hasattr(_C, "similarity_lse_rows_with_gradients")
+def eager_rows_pays(d: int, m: int) -> bool:
+    """Whether forward_rows_with_gradients is the faster path for embedding dim d and m columns
+    at the current thread count (False with an extension built before that entry existed: a
+    checkout updated without rebuilding keeps working)."""
+    threads = torch.get_num_threads()
+    return (d >= EAGER_ROWS_MIN_DIM and threads <= EAGER_ROWS_MAX_THREADS and -(-m // BLOCK_COLS) >= threads
+            and hasattr(_C, "similarity_lse_rows_with_gradients"))
 
 
 def forward_rows_with_gradients(x, y, scale, diag_bias, diag_offset):

@@ -154,8 +154,11 @@ def similarity_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, dia
     kernel = kernel_for(name, x.device)
     # Rows only on one process with a gradient to come: the kernel can compute the gradients
     # in the forward (see SimilarityLSE.forward); without a gradient it does no gradient work.
+    # The price: dX and dY are held from forward to backward, and scaling them there holds both
+    # copies for a moment; a loss computed with grad enabled but never backpropagated costs 3
+    # GEMMs instead of 1 (compute such losses under torch.no_grad()).
     eager_rows = (not with_cols and exchange is None and hasattr(kernel, "forward_rows_with_gradients")
-                  and kernel.eager_rows_pays(x.shape[1])
+                  and kernel.eager_rows_pays(x.shape[1], y.shape[0])
                   and torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale)))
     row_lse, col_lse, target = SimilarityLSE.apply(
         x, y, scale, float(diag_bias), int(diag_offset), bool(with_cols), target_offset, kernel, exchange or LOCAL,
