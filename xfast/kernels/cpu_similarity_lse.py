@@ -54,10 +54,10 @@ def forward(x, y, scale, diag_bias, diag_offset, with_cols):
 # The rows-only path with gradients in the forward (3 GEMMs instead of 4) stores a slab of logits
 # and reads it back twice: it pays where the GEMMs dominate and costs more than it saves where
 # the exps and that memory traffic weigh most. Measured (2 threads, AVX2, SimCSE with hard negatives,
-# N = 8192, paired in one process): 0.85x the recompute path's time at d = 512, 0.94x at d = 256,
-# 1.03x at d = 128, 1.09x at d = 64 (benchmarks/README.md, "Loss benchmark (CPU)"; rerun with
-# `python benchmarks/bench_losses.py --sizes 8192 --dims 128 256 512 --losses simcse_hn
-# --methods xfast_rows xfast_recompute --rounds 6 --no-memory`).
+# N = 8192, paired in one process): 0.81x the recompute path's time at d = 512, 0.94x at d = 256,
+# 1.06x at d = 128 (`python benchmarks/bench_losses.py --sizes 8192 --dims 128 256 512 --losses
+# simcse_hn --methods xfast_rows xfast_recompute --rounds 6 --no-memory --out
+# benchmarks/results/losses_rows_ab`), 1.09x at d = 64 (benchmarks/README.md, "Loss benchmark (CPU)").
 EAGER_ROWS_MIN_DIM = 256
 # Its tasks: M / 512 column chunks (GEMM and exps) and 4 pieces of dX per 256-row slab, each on
 # one thread. With more threads than that they would idle where the 4-GEMM cell schedule keeps
