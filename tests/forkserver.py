@@ -230,14 +230,17 @@ class ForkServer:
         self.process.stdin.flush()
         return self._read()
 
-    def start(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str],
-              new_session: bool = False) -> Child:
-        """Starts `python -m module argv` in `cwd` with exactly `env` as its environment (in a new
-        session and process group with new_session, as Popen's start_new_session)."""
+    def start(self, module: str | None, argv: list[str], *, cwd: Path, env: dict[str, str],
+              new_session: bool = False, code: str | None = None) -> Child:
+        """Starts `python -m module argv` (module None: `python -c code argv`) in `cwd` with exactly
+        `env` as its environment (in a new session and process group with new_session, as
+        Popen's start_new_session)."""
         out = [Path(tempfile.mkstemp(prefix="forkserver_", suffix=suffix)[1]) for suffix in (".out", ".err")]
-        pid = self._ask({"op": "start", "module": module, "argv": [str(a) for a in argv], "cwd": str(cwd),
-                         "env": env, "stdout": str(out[0]), "stderr": str(out[1]), "new_session": new_session})["pid"]
-        return Child(self, pid, [sys.executable, "-m", module, *argv], *out)
+        pid = self._ask({"op": "start", "module": module, "code": code, "argv": [str(a) for a in argv],
+                         "cwd": str(cwd), "env": env, "stdout": str(out[0]), "stderr": str(out[1]),
+                         "new_session": new_session})["pid"]
+        args = [sys.executable, "-m", module] if code is None else [sys.executable, "-c", code]
+        return Child(self, pid, [*args, *argv], *out)
 
     def run(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str],
             timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -247,10 +250,7 @@ class ForkServer:
                  timeout: float | None = None) -> subprocess.CompletedProcess:
         """`python -c code argv`, forked: for probes that need a process of their own (a Trainer
         sets process-wide state) but not a fresh interpreter's imports."""
-        out = [Path(tempfile.mkstemp(prefix="forkserver_", suffix=suffix)[1]) for suffix in (".out", ".err")]
-        pid = self._ask({"op": "start", "module": None, "code": code, "argv": [str(a) for a in argv], "cwd": str(cwd),
-                         "env": env, "stdout": str(out[0]), "stderr": str(out[1])})["pid"]
-        return Child(self, pid, [sys.executable, "-c", code, *argv], *out).result(timeout)
+        return self.start(None, argv, cwd=cwd, env=env, code=code).result(timeout)
 
     def close(self) -> None:
         self.process.stdin.close()

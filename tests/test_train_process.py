@@ -175,6 +175,7 @@ TRAINER_PROBE = textwrap.dedent("""
         pass
 
     root = sys.argv[1]
+    frozen_before = gc.get_freeze_count()  # 0: the launcher that forked this process froze nothing
     demo_data.generate(f"{root}/demo", train=16, test=4, sentences=4, seed=1)
     raw = tiny_config(f"{root}/demo/images/train", f"{root}/demo/tokenizer")
     raw["output_dir"] = f"{root}/run"
@@ -185,7 +186,7 @@ TRAINER_PROBE = textwrap.dedent("""
     frozen = gc.get_freeze_count()
     del cycle
     gc.collect()
-    print(json.dumps({"frozen": frozen, "cycle_freed": alive() is None}))
+    print(json.dumps({"frozen_before": frozen_before, "frozen": frozen, "cycle_freed": alive() is None}))
 """)
 
 
@@ -199,7 +200,7 @@ def test_a_trainer_leaves_the_garbage_collector_alone(tmp_path, launcher):
                             env=dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"frozen": 0, "cycle_freed": True}, result
+    assert result == {"frozen_before": 0, "frozen": 0, "cycle_freed": True}, result
 
 
 def test_the_train_entry_point_freezes_once_the_trainer_is_built(monkeypatch):

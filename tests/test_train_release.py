@@ -35,7 +35,7 @@ PROBE = textwrap.dedent("""
         return parse(TrainConfig, dict(raw, output_dir=f"{root}/{name}"), "config")
 
     def steps(trainer):
-        if threads:
+        if threads:  # an override of the Trainer's own choice, for inductor's cache key (see _probe)
             torch.set_num_threads(threads)
         losses = [float(trainer.train_step().loss) for _ in range(3)]
         weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -91,9 +91,10 @@ def _probe(launcher, root: Path, name: str, compiled: bool, cases: list[str]) ->
     out_dir = root / name
     out_dir.mkdir()
     (out_dir / "demo").symlink_to(root / "demo")
-    # Compiled: the thread count test_train_compile compiles with, set after each Trainer is built
-    # (a key of inductor's cache): on the same data and settings its graphs need no second cold
-    # compile here. What this test checks does not depend on the thread count.
+    # Compiled: each Trainer's thread count (its own choice: 1 with one loader worker) is overridden
+    # after it is built with the one test_train_compile compiles with, a key of inductor's cache: on
+    # the same data and settings its graphs need no second cold compile here. What this test checks
+    # (release, refusals, equal steps) does not depend on the thread count.
     threads = compile_threads() if compiled else 0
     result = launcher.run_code(PROBE, [out_dir, int(compiled), ",".join(cases), threads], cwd=root,
                                env=dict(clean_env(), PYTHONPATH=str(Path(__file__).resolve().parents[1])),
