@@ -81,6 +81,19 @@ inline bool wait_for(const std::atomic<bool>& flag, const std::atomic<bool>& fai
   return true;
 }
 
+// Runs task(worker, i) for i in [0, count), taken from a shared counter by up to `threads`
+// workers. A task's result must not depend on which worker runs it (scratch only): then the
+// results are the same however the tasks are handed out.
+template <typename F>
+void for_each_task(int64_t threads, int64_t count, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t w0, int64_t w1) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(w, i);
+  });
+}
+
 // Calls cell(worker, r, c) for every row group r and column group c, cell (r, k) = (r, (r + k)
 // mod G) taken in the order k = 0, 1, ... from a shared counter by p.workers threads (worker:
 // the caller's index in [0, workers), for its scratch). ordered: a cell waits until the cells
@@ -91,27 +104,22 @@ inline bool wait_for(const std::atomic<bool>& flag, const std::atomic<bool>& fai
 template <typename F>
 void for_each_cell(const Plan& p, bool ordered, const F& cell) {
   const int64_t g = p.groups, cells = g * g;
-  std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   const std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[cells]);
   for (int64_t i = 0; i < cells; ++i) done[i].store(false, std::memory_order_relaxed);
-  at::parallel_for(0, p.workers, 1, [&](int64_t w0, int64_t w1) {
-    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
-    for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t i = next.fetch_add(1); i < cells; i = next.fetch_add(1)) {
-        const int64_t k = i / g, r = i % g;
-        if (ordered && k > 0 &&
-            !(wait_for(done[i - g], failed) && wait_for(done[(k - 1) * g + (r + 1) % g], failed)))
-          return;
-        try {
-          cell(w, r, (r + k) % g);
-        } catch (...) {
-          failed.store(true);  // releases the cells waiting for this one; parallel_for rethrows
-          throw;
-        }
-        done[i].store(true, std::memory_order_release);
-      }
+  for_each_task(p.workers, cells, [&](int64_t w, int64_t i) {
+    const int64_t k = i / g, r = i % g;
+    if (failed.load(std::memory_order_relaxed)) return;  // after a failure no further cell runs
+    if (ordered && k > 0 &&
+        !(wait_for(done[i - g], failed) && wait_for(done[(k - 1) * g + (r + 1) % g], failed)))
+      return;
+    try {
+      cell(w, r, (r + k) % g);
+    } catch (...) {
+      failed.store(true);  // releases the cells waiting for this one; parallel_for rethrows
+      throw;
     }
+    done[i].store(true, std::memory_order_release);
   });
 }
 
@@ -213,6 +221,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& y, d
   return {lse(row_m, row_l), with_cols ? lse(col_m, col_l) : at::Tensor()};
 }
 
+// dY accumulated over tiles, dY[c0 : c0 + cols] += scale * D^T X_blk. At small d it is kept
+// transposed, dY^T += X_blk^T D: D then enters the GEMM untransposed (D^T X_blk packs the large
+// D transposed and ran ~15% slower at d = 64, only a few % at d = 512, where the whole loss ran
+// slower with the transposed layout). Its rows are padded by one cache line so that a
+// power-of-two M does not put them all in the same cache sets.
+template <typename T>
+struct DyAccumulator {
+  explicit DyAccumulator(const at::Tensor& y) : transposed(y.size(1) <= 128) {
+    const int64_t m = y.size(0), ld = m + 64 / static_cast<int64_t>(sizeof(T));
+    sum = transposed ? at::zeros({y.size(1), ld}, y.options()).narrow(1, 0, m) : at::zeros_like(y);
+  }
+  void add(int64_t c0, const at::Tensor& d, const at::Tensor& xb, T scale) {
+    if (transposed)
+      sum.narrow(1, c0, d.size(1)).addmm_(xb.t(), d, 1, scale);
+    else
+      sum.narrow(0, c0, d.size(1)).addmm_(d.t(), xb, 1, scale);
+  }
+  at::Tensor result() const { return transposed ? sum.t().contiguous() : sum; }
+
+  const bool transposed;
+  at::Tensor sum;
+};
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, double scale_d, double bias_d,
                                       int64_t offset, const at::Tensor& row_lse, const at::Tensor& col_lse,
@@ -220,16 +251,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
   const T scale = kernel_scale<T>(scale_d), bias = kernel_bias<T>(bias_d);
   const auto& kernels = tile_kernels<T>();
   const bool has_row = g_row.defined(), has_col = g_col.defined();
-  // At small d, dY is accumulated transposed, dY^T += X_blk^T D: D then enters the GEMM
-  // untransposed (D^T X_blk packs the large D transposed and ran ~15% slower at d = 64, only
-  // a few % at d = 512, where the whole loss ran slower with the transposed layout). Its rows
-  // are padded by one cache line so that a power-of-two M does not put them all in the same
-  // cache sets.
-  const bool dy_transposed = x.size(1) <= 128;
-  const int64_t dy_t_ld = y.size(0) + 64 / static_cast<int64_t>(sizeof(T));
   at::Tensor dx = at::zeros_like(x);
-  at::Tensor dy = dy_transposed ? at::Tensor() : at::zeros_like(y);
-  at::Tensor dy_t = dy_transposed ? at::zeros({y.size(1), dy_t_ld}, y.options()).narrow(1, 0, y.size(0)) : at::Tensor();
+  DyAccumulator<T> dy(y);
   std::vector<double> ds_cell(p.groups * p.groups, 0.0);
   const Scratch scratch(p, x.options());
   for_each_cell(p, /*ordered=*/true, [&](int64_t w, int64_t r, int64_t c) {
@@ -242,29 +265,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x, const at::Tensor& y, 
           has_col ? col_lse.data_ptr<T>() + c0 : nullptr, has_row ? g_row.data_ptr<T>() + r0 : nullptr,
           has_col ? g_col.data_ptr<T>() + c0 : nullptr, scratch.values[w].data_ptr<T>());
       dx.narrow(0, r0, rows).addmm_(d, yc, 1, scale);
-      if (dy_transposed)
-        dy_t.narrow(1, c0, cols).addmm_(xb.t(), d, 1, scale);
-      else
-        dy.narrow(0, c0, cols).addmm_(d.t(), xb, 1, scale);
+      dy.add(c0, d, xb, scale);
     });
   });
   double ds = 0;  // sum(D * S) = sum(D * (Z - B)) / scale, with the scale Z was computed with
   for (double v : ds_cell) ds += v;
   ds /= static_cast<double>(scale);
-  return {dx, dy_transposed ? dy_t.t().contiguous() : dy, at::full({}, ds, x.options())};
-}
-
-// Runs task(worker, i) for i in [0, count), taken from a shared counter by up to `threads`
-// workers. A task's result must not depend on which worker runs it (scratch only): then the
-// results are the same however the tasks are handed out.
-template <typename F>
-void for_each_task(int64_t threads, int64_t count, const F& task) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t w0, int64_t w1) {
-    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(w, i);
-  });
+  return {dx, dy.result(), at::full({}, ds, x.options())};
 }
 
 // Rows of dX computed by one task of the slab's third step (a fixed count: the task grid does
@@ -294,11 +301,8 @@ std::vector<at::Tensor> rows_with_gradients_impl(const at::Tensor& x, const at::
   const auto opts = x.options();
   const int64_t n = x.size(0), m = y.size(0), threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t h = std::max<int64_t>(1, std::min(slab_rows, n)), chunks = (m + chunk_cols - 1) / chunk_cols;
-  const bool dy_transposed = x.size(1) <= 128;  // as in backward_impl
-  const int64_t dy_t_ld = m + 64 / static_cast<int64_t>(sizeof(T));
   at::Tensor row_lse = at::empty({n}, opts), dx = at::empty_like(x);
-  at::Tensor dy = dy_transposed ? at::Tensor() : at::zeros_like(y);
-  at::Tensor dy_t = dy_transposed ? at::zeros({y.size(1), dy_t_ld}, opts).narrow(1, 0, m) : at::Tensor();
+  DyAccumulator<T> dy(y);
   at::Tensor slab = at::empty({h * chunks * chunk_cols}, opts);
   at::Tensor scratch = at::empty({std::min(threads, std::max<int64_t>(chunks, 1)), 2 * chunk_cols + h}, opts);
   std::vector<T> chunk_m(chunks * h), chunk_l(chunks * h), diag(h), ones(h, T(1));
@@ -342,10 +346,7 @@ std::vector<at::Tensor> rows_with_gradients_impl(const at::Tensor& x, const at::
       const int64_t cols = p.size(1);
       ds_chunk[j] = kernels.backward(p.data_ptr<T>(), rows, cols, bias, r0 + offset - c0, lse + r0, nullptr,
                                      ones.data(), nullptr, scratch[w].data_ptr<T>());
-      if (dy_transposed)
-        dy_t.narrow(1, c0, cols).addmm_(xb.t(), p, 1, scale);
-      else
-        dy.narrow(0, c0, cols).addmm_(p.t(), xb, 1, scale);
+      dy.add(c0, p, xb, scale);
     });
     for (int64_t j = 0; j < chunks; ++j) ds += ds_chunk[j];
     for_each_task(threads, (rows + kPieceRows - 1) / kPieceRows, [&](int64_t, int64_t i) {
@@ -358,7 +359,7 @@ std::vector<at::Tensor> rows_with_gradients_impl(const at::Tensor& x, const at::
     });
   }
   if (chunks == 0) { dx.zero_(); row_lse.fill_(-std::numeric_limits<T>::infinity()); }
-  return {row_lse, dx, dy_transposed ? dy_t.t().contiguous() : dy,
+  return {row_lse, dx, dy.result(),
           at::full({}, ds / static_cast<double>(scale), opts)};
 }
 
