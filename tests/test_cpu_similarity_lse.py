@@ -278,6 +278,21 @@ def allocated_bytes(fn) -> int:
     return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
 
 
+def allocated_bytes_per_thread_count(step, thread_counts) -> dict[int, int]:
+    """allocated_bytes(step) at each torch thread count (forced, even above the core count),
+    each after one warm-up step outside the profiler."""
+    threads = torch.get_num_threads()
+    try:
+        allocated = {}
+        for t in thread_counts:
+            torch.set_num_threads(t)
+            step()
+            allocated[t] = allocated_bytes(step)
+    finally:
+        torch.set_num_threads(threads)
+    return allocated
+
+
 def test_allocations_do_not_grow_with_dy_copies_per_thread():
     # 8 row blocks and 8 threads (forced, even on 2 cores): a kernel giving each thread its own
     # dY accumulator would allocate 7 more copies of dY (M * d * 4 bytes each).
@@ -289,15 +304,7 @@ def test_allocations_do_not_grow_with_dy_copies_per_thread():
         row, col = similarity_lse(x, y, s, backend="cpu")
         (row.sum() + col.sum()).backward()
 
-    threads = torch.get_num_threads()
-    try:
-        allocated = {}
-        for t in (1, 8):
-            torch.set_num_threads(t)
-            step()  # warm-up outside the profiler
-            allocated[t] = allocated_bytes(step)
-    finally:
-        torch.set_num_threads(threads)
+    allocated = allocated_bytes_per_thread_count(step, (1, 8))
     one_dy = m * d * 4
     assert allocated[1] >= (n + m) * d * 4, f"the profiler missed the gradients: {allocated[1]} bytes"
     assert allocated[8] - allocated[1] < one_dy / 2, f"8 threads allocate {allocated[8] - allocated[1]} more bytes than 1"
@@ -478,15 +485,7 @@ def test_rows_path_memory_is_one_slab_whatever_the_thread_count(kernel_calls):
         row, _ = similarity_lse(x, y, s, with_cols=False, backend="cpu")
         row.mean().backward()
 
-    threads = torch.get_num_threads()
-    try:
-        allocated = {}
-        for t in (1, 8):
-            torch.set_num_threads(t)
-            step()  # warm-up outside the profiler
-            allocated[t] = allocated_bytes(step)
-    finally:
-        torch.set_num_threads(threads)
+    allocated = allocated_bytes_per_thread_count(step, (1, 8))
     assert kernel_calls["eager"] == 4 and kernel_calls["backward"] == 0
     gradients, slab = (n + m) * d * 4, cpu_similarity_lse.BLOCK_ROWS * m * 4
     # the unit-weight gradients kept by the forward, their scaled copies, the slab, O(N + M) rest
